@@ -1,0 +1,127 @@
+"""``distkl.options``: how the registered estimate rules (mixtures, continuous JSD) compute.
+
+``options(...)`` sets the options when it is called and, used as a context manager, restores the
+previous ones on exit::
+
+    distkl.options(method="mc", num_samples=8192)        # set from here on
+    with distkl.options(method="quadrature"):             # only inside the block
+        kl_divergence(p, q)
+
+The settings live in a :class:`contextvars.ContextVar`, like ``torch.set_grad_enabled`` keeps its
+flag per thread: each thread (and asyncio task) sees its own settings, so concurrent ``with``
+blocks in different threads never interfere. A new thread starts from distkl's defaults.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["Options", "options", "get_options", "METHODS"]
+
+METHODS = ("auto", "mc", "quadrature", "variational", "unscented")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The settings in force.
+
+    Attributes:
+        method: how rules without a closed form compute. ``"auto"`` (default): ``"quadrature"``
+            when the event is 1-D (event shape ``()``) and every component family supports it,
+            ``"mc"`` otherwise. ``"mc"``: stratified Monte Carlo (unbiased, differentiable, noisy).
+            ``"quadrature"``: deterministic Gauss-Hermite quadrature, 1-D events only.
+            ``"variational"``: Hershey & Olsen (2007) variational approximation (deterministic,
+            biased). ``"unscented"``: unscented transform, 2D+1 sigma points per component
+            (deterministic, biased).
+        num_samples: Monte Carlo samples per estimate (default 4096).
+        generator: a :class:`torch.Generator` making Monte Carlo reproducible (default: torch's
+            global generator).
+        chunk_size: samples drawn and reduced at a time (default: chosen from a memory budget).
+        quadrature_nodes: Gauss-Hermite nodes per mixture component (default 128).
+    """
+
+    method: str = "auto"
+    num_samples: int = 4096
+    generator: Optional[torch.Generator] = None
+    chunk_size: Optional[int] = None
+    quadrature_nodes: int = 128
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
+        _check_positive_int("num_samples", self.num_samples)
+        _check_positive_int("quadrature_nodes", self.quadrature_nodes)
+        if self.chunk_size is not None:
+            _check_positive_int("chunk_size", self.chunk_size)
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(self.generator).__name__}."
+            )
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Options))
+_CURRENT: contextvars.ContextVar[Options] = contextvars.ContextVar(
+    "distkl_options", default=Options()
+)
+
+
+def get_options() -> Options:
+    """The options in force in this thread."""
+    return _CURRENT.get()
+
+
+class options:
+    """Set distkl's options now; as a context manager, restore the previous ones on exit.
+
+    Args:
+        method: ``"auto"``, ``"mc"``, ``"quadrature"``, ``"variational"`` or ``"unscented"``.
+        num_samples: Monte Carlo samples per estimate.
+        generator: :class:`torch.Generator` for reproducible Monte Carlo.
+        chunk_size: samples drawn and reduced at a time.
+        quadrature_nodes: Gauss-Hermite nodes per component.
+
+    Raises:
+        TypeError: for an unknown option name.
+        ValueError: for an invalid value.
+
+    Example::
+
+        with distkl.options(method="mc", num_samples=8192, generator=torch.Generator().manual_seed(0)):
+            kl = kl_divergence(mixture_p, mixture_q)
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(_FIELDS))
+        if unknown:
+            raise TypeError(f"Unknown distkl option(s) {unknown}; valid options are {list(_FIELDS)}.")
+        self.previous = _CURRENT.get()
+        self.current = dataclasses.replace(self.previous, **kwargs)
+        self._token = _CURRENT.set(self.current)
+
+    def __enter__(self) -> Options:
+        return self.current
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        try:
+            _CURRENT.reset(self._token)
+        except ValueError:  # token made in another context: restore by value instead
+            _CURRENT.set(self.previous)
+
+    def __repr__(self) -> str:
+        return f"distkl.options({self.current})"
