@@ -75,6 +75,13 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
 
 
+def _same_rule(existing: Callable[..., Tensor], fn: Callable[..., Tensor]) -> bool:
+    """True for the same function, or its new copy after ``importlib.reload`` of its module."""
+    return existing is fn or (
+        existing.__module__ == fn.__module__ and existing.__qualname__ == fn.__qualname__
+    )
+
+
 def register_kl(
     type_p: Type[Distribution], type_q: Type[Distribution], *, kind: str = "exact"
 ) -> Callable[[KLFn], KLFn]:
@@ -95,7 +102,7 @@ def register_kl(
 
     def decorator(fn: KLFn) -> KLFn:
         existing = _torch_kl._KL_REGISTRY.get((type_p, type_q))
-        if existing is not None and existing is not fn:
+        if existing is not None and not _same_rule(existing, fn):
             raise ValueError(
                 f"KL({type_p.__name__} || {type_q.__name__}) is already registered with torch "
                 f"(by {existing.__module__}.{existing.__qualname__}); distkl does not overwrite it."
@@ -160,7 +167,7 @@ def register_jsd(
 
     def decorator(fn: JSDFn) -> JSDFn:
         existing = _JSD_RULES.get((type_p, type_q))
-        if existing is not None and existing.fn is not fn:
+        if existing is not None and not _same_rule(existing.fn, fn):
             raise ValueError(
                 f"JSD({type_p.__name__}, {type_q.__name__}) is already registered "
                 f"(by {existing.module}.{existing.fn.__qualname__}); refusing to overwrite it."
@@ -238,3 +245,15 @@ def js_divergence(p: Distribution, q: Distribution, *, skew: float = 0.5) -> Ten
 def binary_entropy(alpha: float) -> float:
     """``H(alpha) = -alpha log(alpha) - (1 - alpha) log(1 - alpha)`` in nats: the bound of JS_alpha."""
     return -(alpha * math.log(alpha) + (1.0 - alpha) * math.log1p(-alpha))
+
+
+def rules_markdown() -> str:
+    """The registered KL and JSD rules as a markdown table (used by the docs and README)."""
+    rows = ["| divergence | p | q | kind | module |", "|---|---|---|---|---|"]
+    for label, rules in (("KL", kl_rules()), ("JSD", jsd_rules())):
+        for r in rules:
+            kind = "exact" if r.kind == "exact" else "estimate (method in force)"
+            rows.append(
+                f"| {label} | `{r.type_p.__name__}` | `{r.type_q.__name__}` | {kind} | `{r.module}` |"
+            )
+    return "\n".join(rows)
