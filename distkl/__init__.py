@@ -6,12 +6,15 @@ Monte Carlo estimators with standard errors, deterministic methods and bounds fo
 verifier that checks every analytic rule against sampling.
 """
 
+from distkl import functional
 from distkl._options import Options, get_options, options
+from distkl.rules import categorical as _categorical  # noqa: F401  (registers the rules)
 from distkl.registry import js_divergence, jsd_rules, kl_rules, register_jsd, register_kl
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "functional",
     "Options",
     "get_options",
     "options",

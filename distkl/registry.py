@@ -17,7 +17,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple, Type
+from typing import Callable, Dict, Tuple, Type, TypeVar
 
 from torch import Tensor
 from torch.distributions import Distribution
@@ -33,8 +33,8 @@ __all__ = [
 ]
 
 Pair = Tuple[Type[Distribution], Type[Distribution]]
-KLFn = Callable[[Distribution, Distribution], Tensor]
-JSDFn = Callable[..., Tensor]
+KLFn = TypeVar("KLFn", bound=Callable[..., Tensor])
+JSDFn = TypeVar("JSDFn", bound=Callable[..., Tensor])
 
 KINDS = ("exact", "estimate")
 
@@ -180,7 +180,7 @@ def register_jsd(
 
 
 @functools.lru_cache(maxsize=None)
-def _dispatch_jsd(type_p: type, type_q: type) -> JSDFn | None:
+def _dispatch_jsd(type_p: type, type_q: type) -> Callable[..., Tensor] | None:
     matches = [
         (sp, sq) for sp, sq in _JSD_RULES if issubclass(type_p, sp) and issubclass(type_q, sq)
     ]
@@ -232,7 +232,7 @@ def js_divergence(p: Distribution, q: Distribution, *, skew: float = 0.5) -> Ten
             lists the registered pairs.
     """
     alpha = _check_skew(skew)
-    fn = _dispatch_jsd(type(p), type(q))
+    fn = _dispatch_jsd(type(p), type(q))  # type: ignore[arg-type]
     if fn is None:
         registered = ", ".join(r.name for r in jsd_rules()) or "none"
         raise NotImplementedError(
