@@ -9,6 +9,7 @@ verifier that checks every analytic rule against sampling.
 from distkl import functional
 from distkl._options import Options, get_options, options
 from distkl.rules import categorical as _categorical  # noqa: F401  (registers the rules)
+from distkl.rules import normal as _normal  # noqa: F401  (registers the rules)
 from distkl.registry import js_divergence, jsd_rules, kl_rules, register_jsd, register_kl
 
 __version__ = "0.1.0"
