@@ -24,6 +24,23 @@ def test_readme_and_guide_have_code():
     assert len(PAGES) >= 3
 
 
+@pytest.fixture
+def _registries_restored():
+    """Pages may register example rules; undo that so tests stay independent of order."""
+    from torch.distributions import kl as torch_kl
+
+    from distkl import registry
+
+    saved = (dict(torch_kl._KL_REGISTRY), dict(registry._KL_RULES), dict(registry._JSD_RULES))
+    yield
+    for table, old in zip((torch_kl._KL_REGISTRY, registry._KL_RULES, registry._JSD_RULES), saved):
+        table.clear()
+        table.update(old)
+    torch_kl._KL_MEMOIZE.clear()
+    registry._dispatch_jsd.cache_clear()
+
+
+@pytest.mark.usefixtures("_registries_restored")
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_code_blocks_run(page: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # pages that write files write them here
