@@ -34,7 +34,8 @@ class Example:
 
     id: str
     make: Maker
-    #: "categorical", "normal" or "mixture": the family that owns the rule.
+    #: "categorical", "normal" or "mixture": the distkl module that owns the KL rule; "torch" for
+    #: pairs whose KL torch answers itself (kept for the JSD rules and as a check of torch).
     family: str
 
     def build(
@@ -256,6 +257,64 @@ def _(device, dtype):
     pr = _Params(29, device, dtype)
     q = MixtureSameFamily(_weights(pr, k=3), _mvn(pr, 3, d=D, spread=2.0))
     return _lowrank(pr, 2, d=D), q
+
+
+# ---- Pairs whose KL torch answers itself: rows for the JSD rules (and a check of torch) -------
+
+
+@example("Categorical-Categorical", "torch")
+def _(device, dtype):
+    pr = _Params(41, device, dtype)
+    return Categorical(logits=pr.normal(3, K)), Categorical(logits=pr.normal(2, 1, K))
+
+
+@example("OneHotCategorical-OneHotCategorical", "torch")
+def _(device, dtype):
+    pr = _Params(42, device, dtype)
+    return OneHotCategorical(logits=pr.normal(3, K)), OneHotCategorical(logits=pr.normal(3, K))
+
+
+@example("Normal-Normal", "torch")
+def _(device, dtype):
+    pr = _Params(43, device, dtype)
+    return Normal(pr.normal(2, 3), pr.positive(2, 3)), Normal(pr.normal(3), pr.positive(3))
+
+
+@example("Independent(Normal)-Independent(Normal)", "torch")
+def _(device, dtype):
+    pr = _Params(44, device, dtype)
+    return _diag_normal(pr, 2, d=D), _diag_normal(pr, 2, d=D)
+
+
+@example("MultivariateNormal-MultivariateNormal", "torch")
+def _(device, dtype):
+    pr = _Params(45, device, dtype)
+    return _mvn(pr, 2, d=D), _mvn(pr, 1, d=D)
+
+
+@example("MultivariateNormal-LowRankMultivariateNormal", "torch")
+def _(device, dtype):
+    pr = _Params(46, device, dtype)
+    return _mvn(pr, 2, d=D), _lowrank(pr, 2, d=D)
+
+
+@example("LowRankMultivariateNormal-MultivariateNormal", "torch")
+def _(device, dtype):
+    pr = _Params(47, device, dtype)
+    return _lowrank(pr, 2, d=D), _mvn(pr, 2, d=D)
+
+
+@example("LowRankMultivariateNormal-LowRankMultivariateNormal", "torch")
+def _(device, dtype):
+    pr = _Params(48, device, dtype)
+    return _lowrank(pr, 2, d=D), _lowrank(pr, 2, d=D)
+
+
+@example("MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal", "mixture")
+def _(device, dtype):
+    pr = _Params(30, device, dtype)
+    p = MixtureSameFamily(_weights(pr, 2, k=2), _mvn(pr, 2, 2, d=D, spread=2.0))
+    return p, _lowrank(pr, 2, d=D)
 
 
 def by_family(family: str) -> List[Example]:

@@ -30,7 +30,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from distkl._validation import check_same_num_categories
@@ -104,53 +103,72 @@ def kl_from_log_probs(log_p: Tensor, log_q: Tensor, dim: int = -1) -> Tensor:
     return torch.where(infinite, math.inf, kl)
 
 
-def _softplus(x: Tensor) -> Tensor:
-    # log(1 + e^x), exact for all x (no threshold switch), 0 at -inf with a 0 gradient.
-    return -F.logsigmoid(-x)
+def _upper(alpha: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` that is <= H(alpha)."""
+    h = binary_entropy(alpha)
+    t = torch.tensor(h, dtype=dtype)
+    if t.item() > h:
+        t = torch.nextafter(t, torch.zeros((), dtype=dtype))
+    return float(t.item())
+
+
+def _clamp_range(js: Tensor, alpha: float) -> Tensor:
+    """Clamp rounding excursions into ``[0, H(alpha)]``; the truth lies there."""
+    return js.clamp(0.0, _upper(alpha, js.dtype))
+
+
+def _log_ratio_to_mix(d: Tensor, beta: float) -> Tensor:
+    r"""``-log(1 + beta (e^d - 1))`` for finite ``d``: ``-log1p(beta expm1(d))`` up to ``d = 1``
+    (exactly 0 at ``d = 0``, no cancellation near it), ``-logaddexp(log(1-beta), log(beta) + d)``
+    above (no overflow)."""
+    small = d <= 1.0
+    r_small = -torch.log1p(beta * torch.expm1(torch.where(small, d, 0.0)))
+    d_big = torch.where(small, 1.0, d)
+    r_big = -torch.logaddexp(torch.full_like(d_big, math.log1p(-beta)), math.log(beta) + d_big)
+    return torch.where(small, r_small, r_big)
+
+
+def _log_p_over_m(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
+    r"""``p_k log(p_k / m_k)`` per category, exact at zeros, accurate when ``p ~ q``.
+
+    With :math:`d = \log q_k - \log p_k`, :math:`\log(p_k / m_k) = -\log(1 + (1-\alpha)(e^d - 1))`
+    (:func:`_log_ratio_to_mix`); it is ``-log(alpha)`` where ``q_k = 0 < p_k``, and the term is 0
+    where ``p_k = 0``. Every input to a non-linear function is masked first, so gradients are
+    finite everywhere.
+    """
+    p_pos = log_p > _NEG_INF
+    both = p_pos & (log_q > _NEG_INF)
+    d = torch.where(both, log_q - log_p, 0.0)
+    r = torch.where(both, _log_ratio_to_mix(d, 1.0 - alpha), -math.log(alpha))
+    return torch.where(p_pos, torch.where(p_pos, log_p, 0.0).exp() * r, 0.0)
 
 
 def js_from_log_probs(log_p: Tensor, log_q: Tensor, *, skew: float = 0.5, dim: int = -1) -> Tensor:
-    r"""Skewed Jensen-Shannon divergence JS_alpha(p, q) in nats from normalised log-probabilities.
+    r"""JS_alpha(p, q) in nats of categoricals given as normalised log-probabilities.
 
     .. math::
-        \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m),
-        \qquad m = \alpha p + (1-\alpha) q
+        \mathrm{JS}_\alpha(p, q) = \sum_k \Big[\alpha\, p_k \log\frac{p_k}{m_k}
+        + (1-\alpha)\, q_k \log\frac{q_k}{m_k}\Big], \qquad m_k = \alpha p_k + (1-\alpha) q_k
 
-    evaluated as :math:`\log \tfrac{p_k}{m_k} = -\log\alpha - \operatorname{softplus}
-    \big(\log\tfrac{1-\alpha}{\alpha} + \log q_k - \log p_k\big)` (and symmetrically for ``q``),
-    which is exact where one side is zero: disjoint supports give exactly
-    :math:`H(\alpha)` up to the rounding of :math:`\sum_k p_k`, i.e. :math:`\log 2` at
-    ``skew=0.5``. Never infinite; the result is clamped to :math:`[0, H(\alpha)]`. Gradients are
-    finite everywhere, including at zero probabilities.
+    Each :math:`\log(p_k/m_k) = -\log(1 + (1-\alpha)(e^{\log q_k - \log p_k} - 1))` is computed
+    with ``log1p``/``expm1``, so the value keeps its relative precision when ``p`` and ``q``
+    nearly agree (where ``log p - log m`` would cancel); ``-inf`` entries (zero probabilities)
+    are exact, with finite gradients. The result is clamped into :math:`[0, H(\alpha)]`.
 
     Source: Lin (1991), "Divergence measures based on the Shannon entropy", IEEE Trans. Inf.
     Theory 37(1), eq. (4.1) with weights ``(alpha, 1 - alpha)``.
 
-    Args:
-        log_p: normalised log-probabilities of ``p``.
-        log_q: normalised log-probabilities of ``q``; broadcasts with ``log_p``.
-        skew: ``alpha`` in (0, 1), the weight of ``p`` in ``m``.
-        dim: the category dimension.
-
     Returns:
         Tensor of the broadcast shape of ``log_p`` and ``log_q`` without ``dim``.
+
+    Raises:
+        ValueError: if the numbers of categories differ, or ``skew`` is not in (0, 1).
     """
     alpha = _check_skew(skew)
     _check_categories(log_p, log_q, dim)
-    log_odds = math.log1p(-alpha) - math.log(alpha)  # log((1 - alpha) / alpha)
-    p_pos = log_p > _NEG_INF
-    q_pos = log_q > _NEG_INF
-    safe_log_p = torch.where(p_pos, log_p, 0.0)
-    safe_log_q = torch.where(q_pos, log_q, 0.0)
-    # log q - log p: -inf where q = 0 < p; the where below masks it where p = 0.
-    q_minus_p = log_q - safe_log_p
-    p_minus_q = log_p - safe_log_q
-    log_p_over_m = -math.log(alpha) - _softplus(torch.where(p_pos, log_odds + q_minus_p, 0.0))
-    log_q_over_m = -math.log1p(-alpha) - _softplus(torch.where(q_pos, p_minus_q - log_odds, 0.0))
-    t_p = torch.where(p_pos, safe_log_p.exp() * log_p_over_m, 0.0)
-    t_q = torch.where(q_pos, safe_log_q.exp() * log_q_over_m, 0.0)
-    js = (alpha * t_p + (1.0 - alpha) * t_q).sum(dim)
-    return js.clamp(0.0, binary_entropy(alpha))
+    t_p = _log_p_over_m(log_p, log_q, alpha)
+    t_q = _log_p_over_m(log_q, log_p, 1.0 - alpha)
+    return _clamp_range((alpha * t_p + (1.0 - alpha) * t_q).sum(dim), alpha)
 
 
 # --------------------------------------------------------------------------------------------

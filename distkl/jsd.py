@@ -53,14 +53,14 @@ from distkl._options import get_options
 from distkl._validation import (
     batch_shape_of,
     check_same_event_shape,
-    check_same_num_categories,
     describe,
     unsupported,
 )
 from distkl.density import GaussianScorer
+from distkl.functional import _clamp_range, _log_ratio_to_mix, js_from_log_probs
 from distkl.montecarlo import Estimate, expectation
 from distkl.quadrature import jsd_quadrature
-from distkl.registry import _check_skew, binary_entropy, register_jsd
+from distkl.registry import _check_skew, register_jsd
 from distkl.rules.categorical import categorical_log_probs, is_categorical_family
 
 __all__ = ["jsd_mc", "js_from_log_probs", "SUPPORTED"]
@@ -86,76 +86,8 @@ _NEG_INF = -math.inf
 # Range: every JSD value distkl returns lies in [0, H(alpha)].
 
 
-def _upper(alpha: float, dtype: torch.dtype) -> float:
-    """The largest number of ``dtype`` that is <= H(alpha)."""
-    h = binary_entropy(alpha)
-    t = torch.tensor(h, dtype=dtype)
-    if t.item() > h:
-        t = torch.nextafter(t, torch.zeros((), dtype=dtype))
-    return float(t.item())
-
-
-def _clamp_range(js: Tensor, alpha: float) -> Tensor:
-    """Clamp rounding excursions into ``[0, H(alpha)]``; the truth lies there."""
-    return js.clamp(0.0, _upper(alpha, js.dtype))
-
-
 # --------------------------------------------------------------------------------------------
 # Categorical: exact, from normalised log-probabilities.
-
-
-def _log_ratio_to_mix(d: Tensor, beta: float) -> Tensor:
-    r"""``-log(1 + beta (e^d - 1))`` for finite ``d``: ``-log1p(beta expm1(d))`` up to ``d = 1``
-    (exactly 0 at ``d = 0``, no cancellation near it), ``-logaddexp(log(1-beta), log(beta) + d)``
-    above (no overflow)."""
-    small = d <= 1.0
-    r_small = -torch.log1p(beta * torch.expm1(torch.where(small, d, 0.0)))
-    d_big = torch.where(small, 1.0, d)
-    r_big = -torch.logaddexp(torch.full_like(d_big, math.log1p(-beta)), math.log(beta) + d_big)
-    return torch.where(small, r_small, r_big)
-
-
-def _log_p_over_m(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
-    r"""``p_k log(p_k / m_k)`` per category, exact at zeros, accurate when ``p ~ q``.
-
-    With :math:`d = \log q_k - \log p_k`, :math:`\log(p_k / m_k) = -\log(1 + (1-\alpha)(e^d - 1))`
-    (:func:`_log_ratio_to_mix`); it is ``-log(alpha)`` where ``q_k = 0 < p_k``, and the term is 0
-    where ``p_k = 0``. Every input to a non-linear function is masked first, so gradients are
-    finite everywhere.
-    """
-    p_pos = log_p > _NEG_INF
-    both = p_pos & (log_q > _NEG_INF)
-    d = torch.where(both, log_q - log_p, 0.0)
-    r = torch.where(both, _log_ratio_to_mix(d, 1.0 - alpha), -math.log(alpha))
-    return torch.where(p_pos, torch.where(p_pos, log_p, 0.0).exp() * r, 0.0)
-
-
-def js_from_log_probs(log_p: Tensor, log_q: Tensor, *, skew: float = 0.5, dim: int = -1) -> Tensor:
-    r"""JS_alpha(p, q) in nats of categoricals given as normalised log-probabilities.
-
-    .. math::
-        \mathrm{JS}_\alpha(p, q) = \sum_k \Big[\alpha\, p_k \log\frac{p_k}{m_k}
-        + (1-\alpha)\, q_k \log\frac{q_k}{m_k}\Big], \qquad m_k = \alpha p_k + (1-\alpha) q_k
-
-    Each :math:`\log(p_k/m_k) = -\log(1 + (1-\alpha)(e^{\log q_k - \log p_k} - 1))` is computed
-    with ``log1p``/``expm1``, so the value keeps its relative precision when ``p`` and ``q``
-    nearly agree (where ``log p - log m`` would cancel); ``-inf`` entries (zero probabilities)
-    are exact, with finite gradients. The result is clamped into :math:`[0, H(\alpha)]`.
-
-    Source: Lin (1991), "Divergence measures based on the Shannon entropy", IEEE Trans. Inf.
-    Theory 37(1), eq. (4.1) with weights ``(alpha, 1 - alpha)``.
-
-    Returns:
-        Tensor of the broadcast shape of ``log_p`` and ``log_q`` without ``dim``.
-
-    Raises:
-        ValueError: if the numbers of categories differ, or ``skew`` is not in (0, 1).
-    """
-    alpha = _check_skew(skew)
-    check_same_num_categories(log_p.shape[dim], log_q.shape[dim])
-    t_p = _log_p_over_m(log_p, log_q, alpha)
-    t_q = _log_p_over_m(log_q, log_p, 1.0 - alpha)
-    return _clamp_range((alpha * t_p + (1.0 - alpha) * t_q).sum(dim), alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +236,7 @@ def _quadrature(p: Distribution, q: Distribution, alpha: float, nodes: int) -> T
 # --------------------------------------------------------------------------------------------
 # Registered rules.
 
-_GAUSSIAN_TYPES = (Normal, Independent, MultivariateNormal, LowRankMultivariateNormal)
+_MULTIVARIATE_TYPES = (Independent, MultivariateNormal, LowRankMultivariateNormal)
 
 
 @register_jsd(Categorical, Categorical, kind="exact")
@@ -365,8 +297,10 @@ def _jsd_gaussian(p: Distribution, q: Distribution, alpha: float) -> Tensor:
     return jsd_mc(p, q, skew=alpha, num_samples=opts.num_samples, generator=opts.generator).value
 
 
-for _tp in _GAUSSIAN_TYPES:
-    for _tq in _GAUSSIAN_TYPES:
+# Only type pairs whose event shapes can agree: Normal (event ()) pairs with Normal alone.
+register_jsd(Normal, Normal, kind="estimate")(_jsd_gaussian)
+for _tp in _MULTIVARIATE_TYPES:
+    for _tq in _MULTIVARIATE_TYPES:
         register_jsd(_tp, _tq, kind="estimate")(_jsd_gaussian)
 del _tp, _tq
 

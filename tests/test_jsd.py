@@ -160,15 +160,19 @@ def test_skew_tensor_is_type_error():
 def test_registered_pairs_and_kinds():
     rules = {(r.type_p, r.type_q): r for r in jsd_rules()}
     cats = (Categorical, OneHotCategorical)
-    gauss = (Normal, Independent, MultivariateNormal, LowRankMultivariateNormal)
+    multivariate = (Independent, MultivariateNormal, LowRankMultivariateNormal)
     for tp in cats:
         for tq in (*cats, MixtureSameFamily):
             assert rules[tp, tq].kind == "exact"
             assert rules[tq, tp].kind == "exact"
-    for tp in gauss:
-        for tq in (*gauss, MixtureSameFamily):
+    for tp in (Normal, *multivariate):
+        assert rules[tp, MixtureSameFamily].kind == "estimate"
+        assert rules[MixtureSameFamily, tp].kind == "estimate"
+    assert rules[Normal, Normal].kind == "estimate"
+    for tp in multivariate:
+        assert (Normal, tp) not in rules and (tp, Normal) not in rules  # event shapes never agree
+        for tq in multivariate:
             assert rules[tp, tq].kind == "estimate"
-            assert rules[tq, tp].kind == "estimate"
     assert rules[MixtureSameFamily, MixtureSameFamily].kind == "estimate"
     assert all(r.module == "distkl.jsd" for r in rules.values())
 
@@ -462,8 +466,11 @@ def test_gaussian_rows_shape_range_device(ex, device, dtype):
 
 
 def test_event_shape_mismatch():
+    mvn2 = MultivariateNormal(torch.zeros(2), torch.eye(2))
     with pytest.raises(ValueError, match="same event shape"):
-        js_divergence(Normal(0.0, 1.0), MultivariateNormal(torch.zeros(2), torch.eye(2)))
+        js_divergence(mvn2, MultivariateNormal(torch.zeros(3), torch.eye(3)))
+    with pytest.raises(NotImplementedError, match="No JSD"):  # () against (2,): never registered
+        js_divergence(Normal(0.0, 1.0), mvn2)
     with pytest.raises(ValueError, match="same event shape"):
         jsd_mc(Normal(0.0, 1.0), MultivariateNormal(torch.zeros(2), torch.eye(2)), num_samples=8)
 
