@@ -172,8 +172,13 @@ def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> Gauss
         log_w = d.mixture_distribution.logits
         log_w = log_w - log_w.logsumexp(-1, keepdim=True)
         loc, sd, st, ev = _component_params(d.component_distribution)
-        # torch checks that the mixture's and the components' batch shapes agree.
-        return GaussianMixture(log_w, loc, sd, st, ev)
+        gm = GaussianMixture(log_w, loc, sd, st, ev)
+        # MixtureSameFamily lets the weights' and the components' batch shapes merely broadcast
+        # (weights (K,) with components (B, K)): give every field the one broadcast batch shape.
+        batch = torch.broadcast_shapes(log_w.shape[:-1], loc.shape[:-2])
+        if log_w.shape[:-1] == batch and loc.shape[:-2] == batch:
+            return gm
+        return gm.expand(batch)
     loc, sd, st, ev = _component_params(d)
     log_w = torch.zeros(loc.shape[:-1] + (1,), dtype=loc.dtype, device=loc.device)
     return GaussianMixture(
