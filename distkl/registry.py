@@ -17,7 +17,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple, Type, TypeVar
+from typing import Callable, TypeVar
 
 from torch import Tensor
 from torch.distributions import Distribution
@@ -30,9 +30,10 @@ __all__ = [
     "js_divergence",
     "kl_rules",
     "jsd_rules",
+    "skipped_kl_rules",
 ]
 
-Pair = Tuple[Type[Distribution], Type[Distribution]]
+Pair = tuple[type[Distribution], type[Distribution]]
 KLFn = TypeVar("KLFn", bound=Callable[..., Tensor])
 JSDFn = TypeVar("JSDFn", bound=Callable[..., Tensor])
 
@@ -57,8 +58,9 @@ class RuleInfo:
         return f"{self.type_p.__name__}-{self.type_q.__name__}"
 
 
-_KL_RULES: Dict[Pair, RuleInfo] = {}
-_JSD_RULES: Dict[Pair, RuleInfo] = {}
+_KL_RULES: dict[Pair, RuleInfo] = {}
+_SKIPPED_KL: dict[Pair, RuleInfo] = {}  # distkl rules not registered: someone else had the pair
+_JSD_RULES: dict[Pair, RuleInfo] = {}
 
 
 def _check_types(type_p: object, type_q: object, what: str) -> None:
@@ -83,26 +85,41 @@ def _same_rule(existing: Callable[..., Tensor], fn: Callable[..., Tensor]) -> bo
 
 
 def register_kl(
-    type_p: Type[Distribution], type_q: Type[Distribution], *, kind: str = "exact"
+    type_p: type[Distribution],
+    type_q: type[Distribution],
+    *,
+    kind: str = "exact",
+    on_conflict: str = "raise",
 ) -> Callable[[KLFn], KLFn]:
-    """Register ``fn`` with torch's :func:`~torch.distributions.kl.kl_divergence`, refusing to overwrite.
+    """Register a rule with torch's :func:`~torch.distributions.kl.kl_divergence`; never overwrite.
 
     Args:
         type_p: a :class:`~torch.distributions.Distribution` subclass.
         type_q: a :class:`~torch.distributions.Distribution` subclass.
         kind: ``"exact"`` for a closed form, ``"estimate"`` for a rule that computes by the
             method in force (:func:`distkl.options`).
+        on_conflict: what to do when another library already registered ``(type_p, type_q)``:
+            ``"raise"`` (default) raises ``ValueError``; ``"skip"`` leaves the existing rule in
+            place and records the pair in :func:`skipped_kl_rules`. distkl's own rules use
+            ``"skip"``, so ``import distkl`` after, e.g., Pyro (which registers
+            ``(Independent, MultivariateNormal)``) keeps Pyro's answer and does not fail.
 
     Raises:
         TypeError: if a type is not a Distribution subclass.
-        ValueError: if ``(type_p, type_q)`` is already in torch's KL registry.
+        ValueError: if ``(type_p, type_q)`` is already in torch's KL registry and
+            ``on_conflict="raise"``, or ``on_conflict`` is invalid.
     """
     _check_types(type_p, type_q, "register_kl")
     _check_kind(kind)
+    if on_conflict not in ("raise", "skip"):
+        raise ValueError(f"on_conflict must be 'raise' or 'skip', got {on_conflict!r}.")
 
     def decorator(fn: KLFn) -> KLFn:
         existing = _torch_kl._KL_REGISTRY.get((type_p, type_q))
         if existing is not None and not _same_rule(existing, fn):
+            if on_conflict == "skip":
+                _SKIPPED_KL[type_p, type_q] = RuleInfo(type_p, type_q, existing, "external")
+                return fn
             raise ValueError(
                 f"KL({type_p.__name__} || {type_q.__name__}) is already registered with torch "
                 f"(by {existing.__module__}.{existing.__qualname__}); distkl does not overwrite it."
@@ -117,6 +134,14 @@ def register_kl(
 def kl_rules() -> list[RuleInfo]:
     """Every KL rule distkl registered, sorted by pair name."""
     return sorted(_KL_RULES.values(), key=lambda r: r.name)
+
+
+def skipped_kl_rules() -> list[RuleInfo]:
+    """Pairs distkl has a rule for but left to a rule registered earlier by another library.
+
+    Each :class:`RuleInfo` holds the *existing* function (e.g. Pyro's) with kind ``"external"``.
+    """
+    return sorted(_SKIPPED_KL.values(), key=lambda r: r.name)
 
 
 def jsd_rules() -> list[RuleInfo]:
@@ -153,7 +178,7 @@ class _Match:
 
 
 def register_jsd(
-    type_p: Type[Distribution], type_q: Type[Distribution], *, kind: str = "exact"
+    type_p: type[Distribution], type_q: type[Distribution], *, kind: str = "exact"
 ) -> Callable[[JSDFn], JSDFn]:
     """Register a Jensen-Shannon rule ``fn(p, q, skew) -> Tensor`` for :func:`js_divergence`.
 
@@ -179,7 +204,7 @@ def register_jsd(
     return decorator
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dispatch_jsd(type_p: type, type_q: type) -> Callable[..., Tensor] | None:
     matches = [
         (sp, sq) for sp, sq in _JSD_RULES if issubclass(type_p, sp) and issubclass(type_q, sq)
@@ -243,7 +268,7 @@ def js_divergence(p: Distribution, q: Distribution, *, skew: float = 0.5) -> Ten
 
 
 def binary_entropy(alpha: float) -> float:
-    """``H(alpha) = -alpha log(alpha) - (1 - alpha) log(1 - alpha)`` in nats: the bound of JS_alpha."""
+    """Binary entropy -a log(a) - (1 - a) log(1 - a) of a = alpha, in nats: JS_alpha's bound."""
     return -(alpha * math.log(alpha) + (1.0 - alpha) * math.log1p(-alpha))
 
 
@@ -253,7 +278,6 @@ def rules_markdown() -> str:
     for label, rules in (("KL", kl_rules()), ("JSD", jsd_rules())):
         for r in rules:
             kind = "exact" if r.kind == "exact" else "estimate (method in force)"
-            rows.append(
-                f"| {label} | `{r.type_p.__name__}` | `{r.type_q.__name__}` | {kind} | `{r.module}` |"
-            )
+            p, q = r.type_p.__name__, r.type_q.__name__
+            rows.append(f"| {label} | `{p}` | `{q}` | {kind} | `{r.module}` |")
     return "\n".join(rows)

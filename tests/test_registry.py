@@ -176,3 +176,26 @@ def test_pyro_answers_unchanged():
         """
     )
     assert out.split() == ["True", "True"]
+
+
+def test_pyro_first_then_distkl_keeps_pyros_rule():
+    """Pyro registers (Independent, MultivariateNormal) itself: distkl skips that pair, quietly."""
+    pytest.importorskip("pyro", reason="pyro-ppl is not installed")
+    out = _run(
+        """
+        import warnings
+        warnings.simplefilter("error")
+        import pyro.distributions.kl as pyro_kl
+        from torch.distributions import Independent, MultivariateNormal, kl
+        import distkl
+        from distkl.registry import skipped_kl_rules
+        kept = kl._KL_REGISTRY[Independent, MultivariateNormal] is pyro_kl._kl_independent_mvn
+        print(kept, [r.name for r in skipped_kl_rules()])
+        """
+    )
+    assert out.split() == ["True", "['Independent-MultivariateNormal']"]
+
+
+def test_on_conflict_must_be_valid():
+    with pytest.raises(ValueError, match="on_conflict must be 'raise' or 'skip'"):
+        register_kl(Normal, Normal, on_conflict="overwrite")

@@ -138,7 +138,7 @@ def kl_categorical_mixture_pair(p: Distribution, q: Distribution) -> Tensor:
     return kl_from_log_probs(log_p, log_q, dim=-1)
 
 
-@register_kl(Categorical, OneHotCategorical, kind="exact")
+@register_kl(Categorical, OneHotCategorical, kind="exact", on_conflict="skip")
 def _kl_categorical_onehotcategorical(p: Distribution, q: Distribution) -> Tensor:
     r"""KL(p || q) in nats of a Categorical and a OneHotCategorical over the same K categories.
 
@@ -153,7 +153,7 @@ def _kl_categorical_onehotcategorical(p: Distribution, q: Distribution) -> Tenso
     return kl_categorical_mixture_pair(p, q)
 
 
-@register_kl(OneHotCategorical, Categorical, kind="exact")
+@register_kl(OneHotCategorical, Categorical, kind="exact", on_conflict="skip")
 def _kl_onehotcategorical_categorical(p: Distribution, q: Distribution) -> Tensor:
     r"""KL(p || q) in nats of a OneHotCategorical and a Categorical over the same K categories.
 
@@ -174,7 +174,7 @@ def _mixture_vs_categorical(p: Distribution, q: Distribution) -> Tensor:
     return kl_categorical_mixture_pair(p, q)
 
 
-@register_kl(MixtureSameFamily, Categorical, kind="exact")
+@register_kl(MixtureSameFamily, Categorical, kind="exact", on_conflict="skip")
 def _kl_mixturesamefamily_categorical(p: Distribution, q: Distribution) -> Tensor:
     r"""KL(p || q) in nats of a mixture of categoricals and a Categorical, exact.
 
@@ -193,7 +193,7 @@ def _kl_mixturesamefamily_categorical(p: Distribution, q: Distribution) -> Tenso
     return _mixture_vs_categorical(p, q)
 
 
-@register_kl(Categorical, MixtureSameFamily, kind="exact")
+@register_kl(Categorical, MixtureSameFamily, kind="exact", on_conflict="skip")
 def _kl_categorical_mixturesamefamily(p: Distribution, q: Distribution) -> Tensor:
     r"""KL(p || q) in nats of a Categorical and a mixture of categoricals, exact.
 
@@ -212,7 +212,7 @@ def _kl_categorical_mixturesamefamily(p: Distribution, q: Distribution) -> Tenso
     return _mixture_vs_categorical(p, q)
 
 
-@register_kl(MixtureSameFamily, OneHotCategorical, kind="exact")
+@register_kl(MixtureSameFamily, OneHotCategorical, kind="exact", on_conflict="skip")
 def _kl_mixturesamefamily_onehotcategorical(p: Distribution, q: Distribution) -> Tensor:
     r"""KL(p || q) in nats of a mixture of categoricals and a OneHotCategorical, exact.
 
@@ -231,7 +231,7 @@ def _kl_mixturesamefamily_onehotcategorical(p: Distribution, q: Distribution) ->
     return _mixture_vs_categorical(p, q)
 
 
-@register_kl(OneHotCategorical, MixtureSameFamily, kind="exact")
+@register_kl(OneHotCategorical, MixtureSameFamily, kind="exact", on_conflict="skip")
 def _kl_onehotcategorical_mixturesamefamily(p: Distribution, q: Distribution) -> Tensor:
     r"""KL(p || q) in nats of a OneHotCategorical and a mixture of categoricals, exact.
 

@@ -91,7 +91,7 @@ def _log_det_capacitance(W_tilde: Tensor, C_tril: Tensor) -> Tensor:
     return torch.log1p(u).sum(-1)
 
 
-@register_kl(Independent, MultivariateNormal, kind="exact")
+@register_kl(Independent, MultivariateNormal, kind="exact", on_conflict="skip")
 def _kl_independent_multivariatenormal(p: Distribution, q: Distribution) -> Tensor:
     r"""KL(p || q) in nats of a diagonal Normal ``p`` from a full-covariance Normal ``q``.
 
@@ -129,7 +129,7 @@ def _kl_independent_multivariatenormal(p: Distribution, q: Distribution) -> Tens
     return 0.5 * (spread + mahalanobis)
 
 
-@register_kl(MultivariateNormal, Independent, kind="exact")
+@register_kl(MultivariateNormal, Independent, kind="exact", on_conflict="skip")
 def _kl_multivariatenormal_independent(p: Distribution, q: Distribution) -> Tensor:
     r"""KL(p || q) in nats of a full-covariance Normal ``p`` from a diagonal Normal ``q``.
 
@@ -163,7 +163,7 @@ def _kl_multivariatenormal_independent(p: Distribution, q: Distribution) -> Tens
     return 0.5 * (spread + mahalanobis)
 
 
-@register_kl(Independent, LowRankMultivariateNormal, kind="exact")
+@register_kl(Independent, LowRankMultivariateNormal, kind="exact", on_conflict="skip")
 def _kl_independent_lowrankmultivariatenormal(p: Distribution, q: Distribution) -> Tensor:
     r"""KL(p || q) in nats of a diagonal Normal ``p`` from a low-rank-plus-diagonal Normal ``q``.
 
@@ -214,7 +214,7 @@ def _kl_independent_lowrankmultivariatenormal(p: Distribution, q: Distribution) 
     return 0.5 * (_phi_of_log(log_a).sum(-1) + hadamard_gap + mahalanobis)
 
 
-@register_kl(LowRankMultivariateNormal, Independent, kind="exact")
+@register_kl(LowRankMultivariateNormal, Independent, kind="exact", on_conflict="skip")
 def _kl_lowrankmultivariatenormal_independent(p: Distribution, q: Distribution) -> Tensor:
     r"""KL(p || q) in nats of a low-rank-plus-diagonal Normal ``p`` from a diagonal Normal ``q``.
 
