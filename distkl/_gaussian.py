@@ -87,18 +87,14 @@ class GaussianMixture:
             diag = self.scale_tril.diagonal(dim1=-2, dim2=-1)
         return 2.0 * diag.log().sum(-1)
 
-    def rsample_components(
-        self, n: int, generator: Optional[torch.Generator] = None
-    ) -> Tensor:
+    def rsample_components(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """``n`` reparameterized draws from every component: shape ``(n, *batch, K, D)``.
 
         The base noise is generated on the parameters' device with ``generator`` (or torch's
         global generator), so a seeded generator reproduces the draws exactly.
         """
         shape = (n, *self.loc.shape)
-        eps = torch.randn(
-            shape, generator=generator, dtype=self.loc.dtype, device=self.loc.device
-        )
+        eps = torch.randn(shape, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
         if self.scale_diag is not None:
             return self.loc + self.scale_diag * eps
         assert self.scale_tril is not None
@@ -120,7 +116,9 @@ class GaussianMixture:
         w = self.log_weights.exp()
         mean = (w.unsqueeze(-1) * self.loc).sum(-2)
         dev = self.loc - mean.unsqueeze(-2)
-        cov = (w[..., None, None] * (self.covariance() + dev.unsqueeze(-1) * dev.unsqueeze(-2))).sum(-3)
+        cov = (
+            w[..., None, None] * (self.covariance() + dev.unsqueeze(-1) * dev.unsqueeze(-2))
+        ).sum(-3)
         return mean, cov
 
 
@@ -141,7 +139,9 @@ def _is_gaussian_component(d: Distribution) -> bool:
     )
 
 
-def _component_params(d: Distribution) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], torch.Size]:
+def _component_params(
+    d: Distribution,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], torch.Size]:
     """(loc (*b, D), scale_diag (*b, D) | None, scale_tril (*b, D, D) | None, event_shape)."""
     if isinstance(d, Normal):
         loc, scale = torch.broadcast_tensors(d.loc, d.scale)
@@ -166,7 +166,9 @@ def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> Gauss
     """
     if not is_gaussian_family(d):
         raise unsupported(
-            role, d, [*SUPPORTED_COMPONENTS, *(f"MixtureSameFamily({c})" for c in SUPPORTED_COMPONENTS)]
+            role,
+            d,
+            [*SUPPORTED_COMPONENTS, *(f"MixtureSameFamily({c})" for c in SUPPORTED_COMPONENTS)],
         )
     if isinstance(d, MixtureSameFamily):
         log_w = d.mixture_distribution.logits

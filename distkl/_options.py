@@ -35,7 +35,8 @@ class Options:
         method: how rules without a closed form compute. ``"auto"`` (default): ``"quadrature"``
             when the event is 1-D (event shape ``()``) and every component family supports it,
             ``"mc"`` otherwise. ``"mc"``: stratified Monte Carlo (unbiased, differentiable, noisy).
-            ``"quadrature"``: deterministic Gauss-Hermite quadrature, 1-D events only.
+            ``"quadrature"``: deterministic composite Gauss-Legendre quadrature over the
+            components' breakpoints, 1-D events only.
             ``"variational"``: Hershey & Olsen (2007) variational approximation (deterministic,
             biased). ``"unscented"``: unscented transform, 2D+1 sigma points per component
             (deterministic, biased).
@@ -43,7 +44,7 @@ class Options:
         generator: a :class:`torch.Generator` making Monte Carlo reproducible (default: torch's
             global generator).
         chunk_size: samples drawn and reduced at a time (default: chosen from a memory budget).
-        quadrature_nodes: Gauss-Hermite nodes per mixture component (default 128).
+        quadrature_nodes: quadrature nodes per mixture component (default 128).
     """
 
     method: str = "auto"
@@ -72,7 +73,8 @@ def _check_positive_int(name: str, value: object) -> None:
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Options))
 _CURRENT: contextvars.ContextVar[Options] = contextvars.ContextVar(
-    "distkl_options", default=Options()
+    "distkl_options",
+    default=Options(),  # noqa: B039 (a frozen dataclass: immutable)
 )
 
 
@@ -84,12 +86,13 @@ def get_options() -> Options:
 class options:
     """Set distkl's options now; as a context manager, restore the previous ones on exit.
 
-    Args:
+    Keyword arguments (each optional; see :class:`Options` for the defaults):
+
         method: ``"auto"``, ``"mc"``, ``"quadrature"``, ``"variational"`` or ``"unscented"``.
         num_samples: Monte Carlo samples per estimate.
         generator: :class:`torch.Generator` for reproducible Monte Carlo.
         chunk_size: samples drawn and reduced at a time.
-        quadrature_nodes: Gauss-Hermite nodes per component.
+        quadrature_nodes: quadrature nodes per component.
 
     Raises:
         TypeError: for an unknown option name.
@@ -97,14 +100,17 @@ class options:
 
     Example::
 
-        with distkl.options(method="mc", num_samples=8192, generator=torch.Generator().manual_seed(0)):
+        g = torch.Generator().manual_seed(0)
+        with distkl.options(method="mc", num_samples=8192, generator=g):
             kl = kl_divergence(mixture_p, mixture_q)
     """
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(_FIELDS))
         if unknown:
-            raise TypeError(f"Unknown distkl option(s) {unknown}; valid options are {list(_FIELDS)}.")
+            raise TypeError(
+                f"Unknown distkl option(s) {unknown}; valid options are {list(_FIELDS)}."
+            )
         self.previous = _CURRENT.get()
         self.current = dataclasses.replace(self.previous, **kwargs)
         self._token = _CURRENT.set(self.current)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.distributions import Distribution
@@ -20,7 +20,7 @@ def check_same_event_shape(p: Distribution, q: Distribution) -> None:
 
 
 def check_same_num_categories(kp: int, kq: int) -> None:
-    """Raise ``ValueError`` unless two categorical distributions have the same number of categories."""
+    """Raise ``ValueError`` unless two categoricals have the same number of categories."""
     if kp != kq:
         raise ValueError(f"p and q must have the same number of categories, got {kp} and {kq}.")
 
@@ -28,8 +28,7 @@ def check_same_num_categories(kp: int, kq: int) -> None:
 def unsupported(what: str, got: Distribution, supported: Iterable[str]) -> NotImplementedError:
     """A ``NotImplementedError`` naming the unsupported family and listing the supported ones."""
     return NotImplementedError(
-        f"distkl has no rule for {what} of type {describe(got)}; supported: "
-        f"{', '.join(supported)}."
+        f"distkl has no rule for {what} of type {describe(got)}; supported: {', '.join(supported)}."
     )
 
 

@@ -203,7 +203,8 @@ def bounded_kl(
     ``f(0) = 0`` and capped at ``bound``.
 
     Args:
-        p, q: distributions with a KL rule.
+        p: the first distribution.
+        q: the second distribution; ``kl_divergence(p, q)`` must have a rule.
         bound: the supremum of the result, a positive finite number.
         saturation: ``"tanh"`` (default), ``"sigmoid"`` or ``"entropy"``.
 

@@ -84,6 +84,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
         f"\n{n_kl} KL and {len(rows) - n_kl} JSD rules; {n_est} compute an estimate by the method "
         f"in force ({_method_in_force()}; set it with distkl.options), the rest are exact."
     )
+    from distkl.registry import skipped_kl_rules
+
+    for r in skipped_kl_rules():
+        print(
+            f"KL {r.name}: left to {r.fn.__module__}.{r.fn.__qualname__}, registered before "
+            "distkl was imported."
+        )
     return 0
 
 

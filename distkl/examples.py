@@ -8,7 +8,7 @@ is the same numbers everywhere. Batch shapes are chosen to exercise broadcasting
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable
 
 import torch
 from torch.distributions import (
@@ -25,7 +25,7 @@ from torch.distributions import (
 
 __all__ = ["Example", "EXAMPLES", "example", "random_spd"]
 
-Maker = Callable[[torch.device, torch.dtype], Tuple[Distribution, Distribution]]
+Maker = Callable[[torch.device, torch.dtype], tuple[Distribution, Distribution]]
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Example:
 
     def build(
         self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
-    ) -> Tuple[Distribution, Distribution]:
+    ) -> tuple[Distribution, Distribution]:
         return self.make(torch.device(device), dtype)
 
 
@@ -77,7 +77,9 @@ def _diag_normal(pr: _Params, *batch: int, d: int, spread: float = 1.0) -> Indep
 
 
 def _mvn(pr: _Params, *batch: int, d: int, spread: float = 1.0) -> MultivariateNormal:
-    return MultivariateNormal(pr.normal(*batch, d, scale=spread), covariance_matrix=pr.spd(*batch, d=d))
+    return MultivariateNormal(
+        pr.normal(*batch, d, scale=spread), covariance_matrix=pr.spd(*batch, d=d)
+    )
 
 
 def _lowrank(pr: _Params, *batch: int, d: int, rank: int = 2, spread: float = 1.0):
@@ -92,7 +94,7 @@ def _weights(pr: _Params, *batch: int, k: int) -> Categorical:
     return Categorical(logits=pr.normal(*batch, k))
 
 
-EXAMPLES: List[Example] = []
+EXAMPLES: list[Example] = []
 
 
 def example(id: str, family: str) -> Callable[[Maker], Maker]:
@@ -124,7 +126,9 @@ def _(device, dtype):
 @example("OneHotCategoricalStraightThrough-Categorical", "categorical")
 def _(device, dtype):
     pr = _Params(3, device, dtype)
-    return OneHotCategoricalStraightThrough(logits=pr.normal(4, K)), Categorical(logits=pr.normal(4, K))
+    return OneHotCategoricalStraightThrough(logits=pr.normal(4, K)), Categorical(
+        logits=pr.normal(4, K)
+    )
 
 
 @example("MixtureSameFamily(Categorical)-Categorical", "categorical")
@@ -317,6 +321,6 @@ def _(device, dtype):
     return p, _lowrank(pr, 2, d=D)
 
 
-def by_family(family: str) -> List[Example]:
+def by_family(family: str) -> list[Example]:
     """The rows whose rule lives in ``family``'s module."""
     return [e for e in EXAMPLES if e.family == family]

@@ -175,7 +175,9 @@ def jsd_mc(
     (2014), "Generative adversarial nets", Theorem 1.
 
     Args:
-        p, q: distributions with the same event shape and broadcastable batch shapes.
+        p: the first distribution.
+        q: the second distribution, with the same event shape and a batch shape that
+            broadcasts with ``p``'s.
         skew: ``alpha`` in (0, 1), the weight of ``p`` in ``m``.
         num_samples: draws from each of ``p`` and ``q`` per batch element (default: the
             :func:`distkl.options` value).
@@ -265,9 +267,10 @@ def _jsd_gaussian(p: Distribution, q: Distribution, alpha: float) -> Tensor:
     r"""JS_alpha(p, q) in nats of Normal-family distributions or Gaussian mixtures: an estimate.
 
     No closed form exists (not even for two Normals). By the method in force
-    (:func:`distkl.options`): Gauss-Hermite quadrature with ``quadrature_nodes`` nodes per
-    component for 1-D events under ``"auto"``/``"quadrature"`` (``"variational"`` and
-    ``"unscented"``, which have no JSD counterpart, act as ``"auto"``), Monte Carlo
+    (:func:`distkl.options`): composite Gauss-Legendre quadrature with about
+    ``quadrature_nodes`` nodes per component for 1-D events under ``"auto"``/``"quadrature"``
+    (``"variational"`` and ``"unscented"``, which have no JSD counterpart, act as ``"auto"``),
+    Monte Carlo
     (:func:`jsd_mc`) otherwise.
 
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1).

@@ -550,7 +550,8 @@ def check_kl(
     added in quadrature.
 
     Args:
-        p, q: the pair; ``kl_divergence(p, q)`` must have a rule.
+        p: the first distribution.
+        q: the second distribution; ``kl_divergence(p, q)`` must have a rule.
         num_samples: Monte Carlo samples.
         generator: makes the check reproducible (seeds the sampling of ``p``).
         z: pass when ``|z| <= z``; default from ``alpha`` with Bonferroni over the batch.

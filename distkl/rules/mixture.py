@@ -59,8 +59,8 @@ def kl_gaussian_mixture(p: Distribution, q: Distribution) -> Tensor:
         \quad p = \sum_k w_k\, \mathcal{N}(\mu_k, \Sigma_k),\ q = \sum_j v_j\, \mathcal{N}(m_j, S_j)
 
     has no closed form; the value is computed by the method in force (see the module docstring):
-    stratified Monte Carlo (``"mc"``), Gauss-Hermite quadrature (``"quadrature"``, 1-D events),
-    or a deterministic approximation (``"variational"``, ``"unscented"``).
+    stratified Monte Carlo (``"mc"``), composite Gauss-Legendre quadrature (``"quadrature"``,
+    1-D events), or a deterministic approximation (``"variational"``, ``"unscented"``).
 
     Source: Hershey & Olsen (2007), "Approximating the Kullback Leibler divergence between
     Gaussian mixture models", ICASSP, eq. (4) (Monte Carlo) and the methods cited there.

@@ -565,7 +565,8 @@ def derive_and_register(
     pair torch already has.
 
     Args:
-        p, q: the two families; their classes are the pair registered.
+        p: the family of the first argument; its class is registered as ``type_p``.
+        q: the family of the second argument; its class is registered as ``type_q``.
         example: an instance ``(p, q)`` of the pair to check the formula on (float64 advised).
         num_samples: Monte Carlo samples for the check.
         generator: makes the check reproducible.
