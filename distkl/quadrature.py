@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -92,12 +92,30 @@ def _scalar_mixture(d: Distribution, role: str) -> GaussianMixture:
     return mix
 
 
-def _pair(p: Distribution, q: Distribution) -> tuple[GaussianMixture, GaussianMixture, torch.Size]:
-    """Canonical 1-D mixtures of ``p`` and ``q``, expanded to the broadcast batch shape."""
+def _float64(m: GaussianMixture) -> GaussianMixture:
+    """``m`` in float64: in float32 the nodes of a narrow component far from 0 lose most of their
+    digits (a node at 100 + 0.01 t keeps ~3), which cost 0.4% on a disjoint-support JSD.
+    Differentiable; results are cast back to the input dtype."""
+
+    def up(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.to(torch.float64)
+
+    log_w = m.log_weights.to(torch.float64)
+    return GaussianMixture(
+        log_w, m.loc.to(torch.float64), up(m.scale_diag), up(m.scale_tril), m.event_shape
+    )
+
+
+def _pair(
+    p: Distribution, q: Distribution
+) -> tuple[GaussianMixture, GaussianMixture, torch.Size, torch.dtype]:
+    """Canonical 1-D mixtures of ``p`` and ``q`` in float64, expanded to the broadcast batch,
+    and the dtype the result is returned in (torch's promotion of the two)."""
     check_same_event_shape(p, q)
     mp, mq = _scalar_mixture(p, "p"), _scalar_mixture(q, "q")
     shape = batch_shape_of(p, q)
-    return mp.expand(shape), mq.expand(shape), shape
+    dtype = torch.promote_types(mp.loc.dtype, mq.loc.dtype)
+    return _float64(mp).expand(shape), _float64(mq).expand(shape), shape, dtype
 
 
 def _loc_scale(m: GaussianMixture) -> tuple[Tensor, Tensor]:
@@ -260,10 +278,10 @@ def kl_quadrature(p: Distribution, q: Distribution, *, nodes: int = 128) -> Tens
     1984, sec. 2.7); the non-negative integrand uses :math:`\int (q - p) = 0`.
     """
     nodes = _check_nodes(nodes)
-    mp, mq = _pair(p, q)[:2]
+    mp, mq, _, dtype = _pair(p, q)
     x, wts = _nodes_for(mp, mq, nodes)
     log_p, log_q, f = _log_densities(x, mp, mq)
-    return (wts * _h_kl(f, log_p, log_q)).sum(-1)
+    return (wts * _h_kl(f, log_p, log_q)).sum(-1).to(dtype)
 
 
 def _nodes_for(mp: GaussianMixture, mq: GaussianMixture, nodes: int) -> tuple[Tensor, Tensor]:
@@ -325,13 +343,17 @@ def jsd_quadrature(
 
     alpha = _check_skew(skew)
     nodes = _check_nodes(nodes)
-    mp, mq = _pair(p, q)[:2]
+    mp, mq, _, dtype = _pair(p, q)
     x, wts = _nodes_for(mp, mq, nodes)
     log_p, log_q, f = _log_densities(x, mp, mq)
     log_m = torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
     integrand = log_m.exp() * _kl_bernoulli_logit(f, alpha)
-    js = (wts * integrand).sum(-1)
-    return js.clamp(max=binary_entropy(alpha))
+    js = (wts * integrand).sum(-1).clamp(max=binary_entropy(alpha)).to(dtype)
+    # Rounding to float32 may land a hair above H(alpha): the largest float32 <= H(alpha) then.
+    upper = torch.tensor(binary_entropy(alpha), dtype=js.dtype)
+    if upper.item() > binary_entropy(alpha):
+        upper = torch.nextafter(upper, torch.zeros((), dtype=js.dtype))
+    return js.clamp(max=upper.item())
 
 
 def expect_1d(p: Distribution, fn: Callable[[Tensor], Tensor], *, nodes: int = 128) -> Tensor:

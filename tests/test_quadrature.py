@@ -295,3 +295,16 @@ def test_errors():
         kl_quadrature(p, p, nodes=0)
     with pytest.raises(ValueError, match="skew"):
         jsd_quadrature(p, p, skew=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_far_apart_narrow_components_keep_their_digits(dtype):
+    """Nodes of a narrow component far from 0 are placed in float64 whatever the input dtype:
+    in float32 a node at 100 + 0.01 t kept ~3 digits and cost 0.4% of log 2 here."""
+    p = Normal(torch.tensor(0.0, dtype=dtype), torch.tensor(0.1, dtype=dtype))
+    q = Normal(torch.tensor(100.0, dtype=dtype), torch.tensor(0.1, dtype=dtype))
+    js = jsd_quadrature(p, q)
+    assert js.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-9
+    assert abs(js.item() - math.log(2)) <= tol * math.log(2)
+    assert js.item() <= math.log(2)
