@@ -113,8 +113,10 @@ class _GaussianSampler:
 
     reparameterized = True
 
-    def __init__(self, gm: GaussianMixture) -> None:
+    def __init__(self, gm: GaussianMixture, single: bool = False) -> None:
         self.gm = gm
+        #: One Gaussian, not a mixture: log_weights are exactly 0, one stratum per element.
+        self.single = single
         self.batch_shape = gm.batch_shape
         self.event_shape = gm.event_shape
         self.log_weights = gm.log_weights
@@ -132,16 +134,26 @@ class _GaussianSampler:
         return 4 * self.gm.dim
 
     def draw(
-        self, idx: Tensor, first: int, strata: _Strata, generator: Optional[torch.Generator]
+        self,
+        idx: Tensor,
+        first: int,
+        strata: _Strata,
+        generator: Optional[torch.Generator],
+        controls: bool = True,
     ) -> _Draw:
         c, bf = idx.shape
         d = self.gm.dim
         eps = torch.randn((c, bf, d), generator=generator, dtype=self.dtype, device=self.device)
-        cols = torch.arange(bf, device=self.device).expand(c, bf)
-        x = self._loc[cols, idx]  # (c, bf, D)
-        if self._diag is not None:
-            x = x + self._diag[cols, idx] * eps
+        if self.single:  # idx is all 0: broadcast instead of gathering (same values)
+            x = self._loc[:, 0].expand(c, bf, d)
+            if self._diag is not None:
+                x = x + self._diag[:, 0] * eps
         else:
+            cols = torch.arange(bf, device=self.device).expand(c, bf)
+            x = self._loc[cols, idx]  # (c, bf, D)
+            if self._diag is not None:
+                x = x + self._diag[cols, idx] * eps
+        if self._diag is None:
             assert self._tril is not None
             # Component by component, on the rows that hold it in some batch element.
             noise = torch.zeros_like(x)
@@ -157,8 +169,10 @@ class _GaussianSampler:
         x = x.reshape(c, *self.batch_shape, d)
         if len(self.event_shape) == 0:
             x = x.squeeze(-1)
-        controls = _noise_controls(eps)
-        return _Draw(x, controls.reshape(c, *self.batch_shape, controls.shape[-1]), None)
+        if not controls:  # no stratum can fit a control: skip building them
+            return _Draw(x, None, None)
+        own = _noise_controls(eps)
+        return _Draw(x, own.reshape(c, *self.batch_shape, own.shape[-1]), None)
 
 
 def _noise_controls(eps: Tensor) -> Tensor:
@@ -198,6 +212,7 @@ class _GenericSampler:
                 device=ref.device,
             )
         self.num_components = self.log_weights.shape[-1]
+        self.single = not self.mixture
         self.dtype = self.log_weights.dtype
         self.device = self.log_weights.device
         self.reparameterized = bool(self.component.has_rsample)
@@ -211,7 +226,12 @@ class _GenericSampler:
         return 4 * max(1, self.event_shape.numel()) * self.num_components
 
     def draw(
-        self, idx: Tensor, first: int, strata: _Strata, generator: Optional[torch.Generator]
+        self,
+        idx: Tensor,
+        first: int,
+        strata: _Strata,
+        generator: Optional[torch.Generator],
+        controls: bool = True,
     ) -> _Draw:
         c, bf = idx.shape
         ne = len(self.event_shape)
@@ -228,7 +248,8 @@ class _GenericSampler:
             x = s.gather(2, sel).reshape(c, *self.batch_shape, *self.event_shape)
         else:
             x = s
-        need_lp = self.entropy is not None or (not self.reparameterized and torch.is_grad_enabled())
+        want_control = controls and self.entropy is not None
+        need_lp = want_control or (not self.reparameterized and torch.is_grad_enabled())
         self_control = score = None
         if need_lp:
             if self.mixture:
@@ -237,7 +258,7 @@ class _GenericSampler:
                 lp = lp.reshape(c, *self.batch_shape)
             else:
                 lp = self.component.log_prob(x)
-            if self.entropy is not None:
+            if want_control and self.entropy is not None:
                 ent = self.entropy.reshape(bf, -1).expand(c, bf, -1)
                 h = ent.gather(-1, idx.unsqueeze(-1)).reshape(c, *self.batch_shape)
                 self_control = (lp + h).unsqueeze(-1)
@@ -287,7 +308,7 @@ def _make_sampler(p: Distribution, batch_shape: Optional[torch.Size] = None) -> 
         gm = as_gaussian_mixture(p, role="p")
         if batch_shape is not None:
             gm = gm.expand(batch_shape)
-        return _GaussianSampler(gm)
+        return _GaussianSampler(gm, single=not isinstance(p, MixtureSameFamily))
     if not (p.has_rsample or _has_sample(p)):
         raise NotImplementedError(
             f"Monte Carlo needs samples from p, but {type(p).__name__} implements neither "
@@ -313,8 +334,25 @@ class _Strata:
     inside a stratum, rows alternate between fold 0 and fold 1.
     """
 
-    def __init__(self, log_weights: Tensor, num_samples: int) -> None:
+    def __init__(self, log_weights: Tensor, num_samples: int, single: bool = False) -> None:
         k = log_weights.shape[-1]
+        self.single = single
+        if single:
+            # One component of weight exactly 1 (log-weight 0): all N rows, no arithmetic needed.
+            if num_samples < 2:
+                raise ValueError(
+                    "num_samples must be at least 2 per mixture component (2 for 1 components), "
+                    f"got {num_samples}."
+                )
+            bf = log_weights.numel()
+            self.counts = torch.full(
+                (bf, 1), num_samples, dtype=torch.long, device=log_weights.device
+            )
+            self.end = self.counts
+            self.start = torch.zeros_like(self.counts)
+            self._start_min, self._end_max = [0], [num_samples]
+            self.max_count = num_samples
+            return
         w = log_weights.detach().reshape(-1, k).to(torch.float64).exp()
         w = w / w.sum(-1, keepdim=True)
         positive = w > 0
@@ -332,6 +370,8 @@ class _Strata:
         order = torch.argsort(torch.argsort(share - floor, dim=-1, descending=True), dim=-1)
         counts = base + floor.long() + (order < left).long()
         self.counts = counts.to(log_weights.device)  # (bf, K)
+        #: Largest stratum; a stratum of ``n`` rows has folds of ``ceil(n/2)`` and ``floor(n/2)``.
+        self.max_count = int(counts.max())
         self.end = counts.cumsum(-1).to(log_weights.device)
         self.start = self.end - self.counts
         self._start_min = self.start.amin(0).tolist()
@@ -341,9 +381,22 @@ class _Strata:
         """Component ``(c, bf)`` and fold ``(c, bf)`` of rows ``first..last-1``."""
         bf = self.end.shape[0]
         rows = torch.arange(first, last, device=self.end.device)
+        if self.single:  # component 0 from row 0: the fold is the row's parity
+            fold = (rows % 2).unsqueeze(-1).expand(last - first, bf).contiguous()
+            return torch.zeros_like(fold), fold
         idx = torch.searchsorted(self.end, rows.expand(bf, -1).contiguous(), right=True).T
         fold = (rows.unsqueeze(-1) - self.start.T.gather(0, idx)) % 2  # (c, bf)
         return idx.contiguous(), fold
+
+    def can_fit_controls(self) -> bool:
+        """Whether some stratum has both folds of ``MIN_FOLD_FOR_CONTROLS`` rows (see _combine).
+
+        When none has, :func:`_combine` returns the plain stratified mean and variance whatever
+        the control columns hold (the moments of ``f`` do not depend on them), so the engine
+        skips building, streaming and fitting the controls: the same value and standard error
+        for less work.
+        """
+        return self.max_count // 2 >= MIN_FOLD_FOR_CONTROLS
 
     def row_range(self, k: int, first: int, last: int) -> tuple[int, int]:
         """Rows in ``[first, last)`` where component ``k`` is drawn for some batch element."""
@@ -463,7 +516,7 @@ def _stats_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 def _run(
     sampler: _Sampler,
-    integrand: Callable[[_Draw, Tensor], tuple[Tensor, Optional[Tensor]]],
+    integrand: Callable[[_Draw, Tensor, bool], tuple[Tensor, Optional[Tensor]]],
     *,
     num_samples: int,
     generator: Optional[torch.Generator],
@@ -474,8 +527,9 @@ def _run(
 ) -> Estimate:
     """Stratified, chunked estimate of ``E_p[f]``.
 
-    ``integrand(draw, idx)`` returns ``f`` of shape ``(c, *batch_out)`` and optional extra
-    controls ``(c, *batch_out, m)`` with zero mean within every stratum.
+    ``integrand(draw, idx, controls)`` returns ``f`` of shape ``(c, *batch_out)`` and optional
+    extra controls ``(c, *batch_out, m)`` with zero mean within every stratum (only needed when
+    ``controls`` is true).
     """
     _check_int("num_samples", num_samples)
     if chunk_size is not None:
@@ -490,7 +544,8 @@ def _run(
                 f"generator must live on p's device ({sampler.device.type}), got a generator on "
                 f"{generator.device.type}."
             )
-    strata = _Strata(sampler.log_weights, num_samples)
+    strata = _Strata(sampler.log_weights, num_samples, single=sampler.single)
+    use_controls = use_controls and strata.can_fit_controls()
     bp = sampler.batch_shape
     k = sampler.num_components
     sdtype = _stats_dtype(sampler.dtype, sampler.device)
@@ -506,8 +561,8 @@ def _run(
         last = min(num_samples, first + chunk_size)
         c = last - first
         idx, fold = strata.assign(first, last)  # (c, bf)
-        draw = sampler.draw(idx, first, strata, generator)
-        f, extra = integrand(draw, idx)
+        draw = sampler.draw(idx, first, strata, generator, use_controls)
+        f, extra = integrand(draw, idx, use_controls)
         try:
             if out_shape is None:
                 out_shape = torch.broadcast_shapes(f.shape[1:], bp)
@@ -530,11 +585,10 @@ def _run(
         if use_controls and extra is not None:
             more = list(extra.expand(c, *out_shape, extra.shape[-1]).unbind(-1))
         cols = [f, *own[:1], *more[:1], *own[1:], *more[1:]]
-        z = (
-            torch.stack([col.to(sdtype) for col in cols], dim=-1)
-            .reshape(c, g, len(cols))
-            .to(sdtype)
-        )
+        if len(cols) == 1:
+            z = f.to(sdtype).reshape(c, g, 1)
+        else:
+            z = torch.stack([col.to(sdtype) for col in cols], dim=-1).reshape(c, g, len(cols))
         s = (2 * idx + fold).reshape(*lead, *bp).expand(c, *out_shape).reshape(c, g)
         # +inf integrands (q = 0 where p > 0): the expectation is +inf.
         pos_inf = z[..., 0] == math.inf
@@ -638,7 +692,7 @@ def expectation(
     """
     sampler = _make_sampler(p, None if batch_shape is None else torch.Size(batch_shape))
 
-    def integrand(draw: _Draw, idx: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def integrand(draw: _Draw, idx: Tensor, controls: bool) -> tuple[Tensor, Optional[Tensor]]:
         return f(draw.x), None
 
     return _run(
@@ -710,9 +764,9 @@ def kl_mc(
     scorer_p = GaussianScorer(score_p, precise=True) if score_p is not None else None
     gq = as_gaussian_mixture(q, role="q") if gaussian_q else None
     scorer_q = GaussianScorer(gq, precise=True) if gq is not None else None
-    match: Optional[tuple[Tensor, Tensor]] = None
-    if control_variates and score_p is not None and gq is not None:
-        match = _best_matches(score_p, gq, batch)
+    # Matched components of q for the extra controls, computed on first use (never when no
+    # stratum is large enough to fit controls).
+    matches: list[tuple[Tensor, Tensor]] = []
 
     def log_p(x: Tensor) -> Tensor:
         return scorer_p.log_prob(x) if scorer_p is not None else p.log_prob(x)
@@ -720,7 +774,7 @@ def kl_mc(
     # x comes as (c, *p.batch_shape, *event): left-pad p's batch dims to align with q's.
     pad = (1,) * (len(batch) - len(sampler.batch_shape))
 
-    def integrand(draw: _Draw, idx: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def integrand(draw: _Draw, idx: Tensor, controls: bool) -> tuple[Tensor, Optional[Tensor]]:
         c = idx.shape[0]
         x = draw.x.reshape(c, *pad, *draw.x.shape[1:])
         lp = log_p(x)
@@ -732,8 +786,10 @@ def kl_mc(
             lq = q.log_prob(x)
         f = lp - lq
         extra = None
-        if match is not None and comp_q is not None:
-            j_map, e_best = match  # (*batch, Kp, M)
+        if controls and score_p is not None and gq is not None and comp_q is not None:
+            if not matches:
+                matches.append(_best_matches(score_p, gq, batch))
+            j_map, e_best = matches[0]  # (*batch, Kp, M)
             kp, nm = j_map.shape[-2:]
             idx_b = idx.reshape(c, *pad, *sampler.batch_shape).expand(c, *batch)
             idx_b = idx_b.reshape(c, *batch, 1, 1).expand(c, *batch, 1, nm)
