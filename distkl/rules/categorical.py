@@ -168,76 +168,19 @@ def _kl_onehotcategorical_categorical(p: Distribution, q: Distribution) -> Tenso
     return kl_categorical_mixture_pair(p, q)
 
 
-def _mixture_vs_categorical(p: Distribution, q: Distribution) -> Tensor:
-    # Dispatch is by type only: every MixtureSameFamily lands here; only categorical
-    # components are handled (categorical_log_probs raises NotImplementedError otherwise).
-    return kl_categorical_mixture_pair(p, q)
-
-
 @register_kl(MixtureSameFamily, Categorical, kind="exact", on_conflict="skip")
-def _kl_mixturesamefamily_categorical(p: Distribution, q: Distribution) -> Tensor:
-    r"""KL(p || q) in nats of a mixture of categoricals and a Categorical, exact.
-
-    .. math::
-        \mathrm{KL}(p \| q) = \sum_k p(k) \log \frac{p(k)}{q_k}, \qquad
-        p(k) = \sum_j w_j p_j(k)
-
-    Source: Cover & Thomas (2006), *Elements of Information Theory*, 2nd ed., eq. (2.26).
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-
-    Raises:
-        NotImplementedError: if the components of ``p`` are not Categorical/OneHotCategorical.
-    """
-    return _mixture_vs_categorical(p, q)
-
-
 @register_kl(Categorical, MixtureSameFamily, kind="exact", on_conflict="skip")
-def _kl_categorical_mixturesamefamily(p: Distribution, q: Distribution) -> Tensor:
-    r"""KL(p || q) in nats of a Categorical and a mixture of categoricals, exact.
-
-    .. math::
-        \mathrm{KL}(p \| q) = \sum_k p_k \log \frac{p_k}{q(k)}, \qquad
-        q(k) = \sum_j w_j q_j(k)
-
-    Source: Cover & Thomas (2006), *Elements of Information Theory*, 2nd ed., eq. (2.26).
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-
-    Raises:
-        NotImplementedError: if the components of ``q`` are not Categorical/OneHotCategorical.
-    """
-    return _mixture_vs_categorical(p, q)
-
-
 @register_kl(MixtureSameFamily, OneHotCategorical, kind="exact", on_conflict="skip")
-def _kl_mixturesamefamily_onehotcategorical(p: Distribution, q: Distribution) -> Tensor:
-    r"""KL(p || q) in nats of a mixture of categoricals and a OneHotCategorical, exact.
-
-    .. math::
-        \mathrm{KL}(p \| q) = \sum_k p(k) \log \frac{p(k)}{q_k}, \qquad
-        p(k) = \sum_j w_j p_j(k)
-
-    Source: Cover & Thomas (2006), *Elements of Information Theory*, 2nd ed., eq. (2.26).
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-
-    Raises:
-        NotImplementedError: if the components of ``p`` are not Categorical/OneHotCategorical.
-    """
-    return _mixture_vs_categorical(p, q)
-
-
 @register_kl(OneHotCategorical, MixtureSameFamily, kind="exact", on_conflict="skip")
-def _kl_onehotcategorical_mixturesamefamily(p: Distribution, q: Distribution) -> Tensor:
-    r"""KL(p || q) in nats of a OneHotCategorical and a mixture of categoricals, exact.
+def _kl_categorical_mixture(p: Distribution, q: Distribution) -> Tensor:
+    r"""KL(p || q) in nats, a mixture of categoricals against a categorical or back, exact.
 
     .. math::
-        \mathrm{KL}(p \| q) = \sum_k p_k \log \frac{p_k}{q(k)}, \qquad
-        q(k) = \sum_j w_j q_j(k)
+        \mathrm{KL}(p \| q) = \sum_k p(k) \log \frac{p(k)}{q(k)}, \qquad
+        p(k) = \sum_j w_j p_j(k) \text{ for a mixture (likewise } q\text{)}
+
+    Dispatch is by type only: every ``MixtureSameFamily`` lands here, and only categorical
+    components are handled.
 
     Source: Cover & Thomas (2006), *Elements of Information Theory*, 2nd ed., eq. (2.26).
 
@@ -245,6 +188,6 @@ def _kl_onehotcategorical_mixturesamefamily(p: Distribution, q: Distribution) ->
         Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
 
     Raises:
-        NotImplementedError: if the components of ``q`` are not Categorical/OneHotCategorical.
+        NotImplementedError: if the mixture's components are not Categorical/OneHotCategorical.
     """
-    return _mixture_vs_categorical(p, q)
+    return kl_categorical_mixture_pair(p, q)

@@ -140,78 +140,16 @@ def _kl_mixture_mixture(p: MixtureSameFamily, q: MixtureSameFamily) -> Tensor:
 
 
 @register_kl(MixtureSameFamily, Normal, kind="estimate", on_conflict="skip")
-def _kl_mixture_normal(p: MixtureSameFamily, q: Normal) -> Tensor:
-    r"""KL(p || q) in nats, Gaussian mixture against a Normal: an estimate (method in force).
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-    """
-    return kl_gaussian_mixture(p, q)
-
-
 @register_kl(Normal, MixtureSameFamily, kind="estimate", on_conflict="skip")
-def _kl_normal_mixture(p: Normal, q: MixtureSameFamily) -> Tensor:
-    r"""KL(p || q) in nats, Normal against a Gaussian mixture: an estimate (method in force).
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-    """
-    return kl_gaussian_mixture(p, q)
-
-
 @register_kl(MixtureSameFamily, Independent, kind="estimate", on_conflict="skip")
-def _kl_mixture_independent(p: MixtureSameFamily, q: Independent) -> Tensor:
-    r"""KL(p || q) in nats, Gaussian mixture against Independent(Normal, 1): an estimate.
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-    """
-    return kl_gaussian_mixture(p, q)
-
-
 @register_kl(Independent, MixtureSameFamily, kind="estimate", on_conflict="skip")
-def _kl_independent_mixture(p: Independent, q: MixtureSameFamily) -> Tensor:
-    r"""KL(p || q) in nats, Independent(Normal, 1) against a Gaussian mixture: an estimate.
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-    """
-    return kl_gaussian_mixture(p, q)
-
-
 @register_kl(MixtureSameFamily, MultivariateNormal, kind="estimate", on_conflict="skip")
-def _kl_mixture_mvn(p: MixtureSameFamily, q: MultivariateNormal) -> Tensor:
-    r"""KL(p || q) in nats, Gaussian mixture against a MultivariateNormal: an estimate.
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-    """
-    return kl_gaussian_mixture(p, q)
-
-
 @register_kl(MultivariateNormal, MixtureSameFamily, kind="estimate", on_conflict="skip")
-def _kl_mvn_mixture(p: MultivariateNormal, q: MixtureSameFamily) -> Tensor:
-    r"""KL(p || q) in nats, MultivariateNormal against a Gaussian mixture: an estimate.
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-    """
-    return kl_gaussian_mixture(p, q)
-
-
 @register_kl(MixtureSameFamily, LowRankMultivariateNormal, kind="estimate", on_conflict="skip")
-def _kl_mixture_lowrank(p: MixtureSameFamily, q: LowRankMultivariateNormal) -> Tensor:
-    r"""KL(p || q) in nats, Gaussian mixture against a LowRankMultivariateNormal: an estimate.
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-    """
-    return kl_gaussian_mixture(p, q)
-
-
 @register_kl(LowRankMultivariateNormal, MixtureSameFamily, kind="estimate", on_conflict="skip")
-def _kl_lowrank_mixture(p: LowRankMultivariateNormal, q: MixtureSameFamily) -> Tensor:
-    r"""KL(p || q) in nats, LowRankMultivariateNormal against a Gaussian mixture: an estimate.
+def _kl_mixture_single(p: Distribution, q: Distribution) -> Tensor:
+    r"""KL(p || q) in nats, a Gaussian mixture against one Normal-family distribution or back:
+    an estimate by the method in force (see the module docstring).
 
     Returns:
         Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
