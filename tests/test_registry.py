@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,14 @@ def _run(code: str) -> str:
     )
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+def _skip_without_pyro() -> None:
+    # Not importorskip: importing Pyro here would re-register its (Independent,
+    # MultivariateNormal) rule over distkl's for the rest of the session. The checks run in
+    # subprocesses.
+    if importlib.util.find_spec("pyro") is None:
+        pytest.skip("pyro-ppl is not installed")
 
 
 def test_torch_registry_unchanged_by_import():
@@ -151,7 +160,7 @@ def test_missing_pair_still_raises_torchs_error():
 
 def test_pyro_answers_unchanged():
     """Importing distkl next to Pyro changes none of Pyro's KL answers or registrations."""
-    pytest.importorskip("pyro", reason="pyro-ppl is not installed")
+    _skip_without_pyro()
     out = _run(
         """
         import torch
@@ -181,7 +190,7 @@ def test_pyro_answers_unchanged():
 
 def test_pyro_first_then_distkl_keeps_pyros_rule():
     """Pyro registers (Independent, MultivariateNormal) itself: distkl skips that pair, quietly."""
-    pytest.importorskip("pyro", reason="pyro-ppl is not installed")
+    _skip_without_pyro()
     out = _run(
         """
         import warnings
