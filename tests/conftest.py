@@ -28,6 +28,12 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
 
 
 @pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    """Tests that draw from torch's global generator see the same numbers in any order."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_options():
     """Every test starts from distkl's default options and leaves them so."""
     with distkl.options(**distkl.Options().__dict__):
