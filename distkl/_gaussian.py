@@ -27,7 +27,7 @@ from torch.distributions import (
     Normal,
 )
 
-from distkl._validation import unsupported
+from distkl._checks import unsupported
 
 __all__ = ["GaussianMixture", "as_gaussian_mixture", "is_gaussian_family", "SUPPORTED_COMPONENTS"]
 

@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from distkl._checks import check_positive_int
+
 __all__ = ["Options", "options", "get_options", "METHODS"]
 
 METHODS = ("auto", "mc", "quadrature", "variational", "unscented")
@@ -56,19 +58,14 @@ class Options:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
-        _check_positive_int("num_samples", self.num_samples)
-        _check_positive_int("quadrature_nodes", self.quadrature_nodes)
+        check_positive_int("num_samples", self.num_samples)
+        check_positive_int("quadrature_nodes", self.quadrature_nodes)
         if self.chunk_size is not None:
-            _check_positive_int("chunk_size", self.chunk_size)
+            check_positive_int("chunk_size", self.chunk_size)
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
             raise TypeError(
                 f"generator must be a torch.Generator or None, got {type(self.generator).__name__}."
             )
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Options))

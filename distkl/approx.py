@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from distkl._checks import batch_shape_of, check_same_event_shape
 from distkl._gaussian import GaussianMixture, as_gaussian_mixture
-from distkl._validation import batch_shape_of, check_same_event_shape
 
 __all__ = ["kl_variational", "kl_unscented"]
 

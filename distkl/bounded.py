@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
-from distkl.registry import _check_skew, binary_entropy, js_divergence
+from distkl._checks import check_skew
+from distkl.registry import binary_entropy, js_divergence
 from distkl.rules.categorical import is_categorical_family, kl_categorical_mixture_pair
 
 __all__ = [
@@ -62,7 +63,7 @@ def js_divergence_normalized(p: Distribution, q: Distribution, *, skew: float = 
     Returns:
         Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
     """
-    alpha = _check_skew(skew)
+    alpha = check_skew(skew)
     js = js_divergence(p, q, skew=alpha)
     return (js / binary_entropy(alpha)).clamp(0.0, 1.0)
 

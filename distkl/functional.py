@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from distkl._validation import check_same_num_categories
-from distkl.registry import _check_skew, binary_entropy
+from distkl._checks import check_same_num_categories, check_skew
+from distkl.registry import binary_entropy
 
 __all__ = [
     "REDUCTIONS",
@@ -164,7 +164,7 @@ def js_from_log_probs(log_p: Tensor, log_q: Tensor, *, skew: float = 0.5, dim: i
     Raises:
         ValueError: if the numbers of categories differ, or ``skew`` is not in (0, 1).
     """
-    alpha = _check_skew(skew)
+    alpha = check_skew(skew)
     _check_categories(log_p, log_q, dim)
     t_p = _log_p_over_m(log_p, log_q, alpha)
     t_q = _log_p_over_m(log_q, log_p, 1.0 - alpha)
@@ -381,6 +381,6 @@ def js_divergence(
         With ``reduction="none"``, a Tensor of the broadcast input shape without ``dim``;
         otherwise a scalar Tensor.
     """
-    _check_skew(skew)
+    check_skew(skew)
     log_p, log_q, dim = _pair(p_logits, p_probs, q_logits, q_probs, dim, reduction)
     return _reduce(js_from_log_probs(log_p, log_q, skew=skew, dim=dim), reduction)

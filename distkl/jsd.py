@@ -48,19 +48,20 @@ from torch.distributions import (
     OneHotCategorical,
 )
 
-from distkl._gaussian import as_gaussian_mixture, is_gaussian_family
-from distkl._options import get_options
-from distkl._validation import (
+from distkl._checks import (
     batch_shape_of,
     check_same_event_shape,
+    check_skew,
     describe,
     unsupported,
 )
+from distkl._gaussian import as_gaussian_mixture, is_gaussian_family
+from distkl._options import get_options
 from distkl.density import GaussianScorer
 from distkl.functional import _clamp_range, _log_ratio_to_mix, js_from_log_probs
 from distkl.montecarlo import Estimate, expectation
 from distkl.quadrature import jsd_quadrature
-from distkl.registry import _check_skew, register_jsd
+from distkl.registry import register_jsd
 from distkl.rules.categorical import categorical_log_probs, is_categorical_family
 
 __all__ = ["jsd_mc", "js_from_log_probs", "SUPPORTED"]
@@ -194,7 +195,7 @@ def jsd_mc(
             different event shapes, batch shapes that do not broadcast.
         TypeError: ``generator`` is not a :class:`torch.Generator`.
     """
-    alpha = _check_skew(skew)
+    alpha = check_skew(skew)
     opts = get_options()
     n = opts.num_samples if num_samples is None else num_samples
     gen = opts.generator if generator is None else generator

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from distkl._validation import check_same_event_shape, unsupported
+from distkl._checks import check_same_event_shape, unsupported
 
 __all__ = ["kl_free_bits", "kl_annealing"]
 

@@ -31,9 +31,10 @@ from typing import Optional
 from torch import Tensor, nn
 from torch.distributions import Distribution, kl_divergence
 
+from distkl._checks import check_skew
 from distkl.bounded import _check_bound, _check_saturation, bounded_kl, js_divergence_normalized
 from distkl.functional import REDUCTIONS, _reduce
-from distkl.registry import _check_skew, js_divergence
+from distkl.registry import js_divergence
 
 __all__ = ["JSDLoss", "KLLoss", "REDUCTIONS"]
 
@@ -72,7 +73,7 @@ class JSDLoss(nn.Module):
         self, *, skew: float = 0.5, reduction: str = "mean", normalized: bool = False
     ) -> None:
         super().__init__()
-        self.skew = _check_skew(skew)
+        self.skew = check_skew(skew)
         self.reduction = _check_reduction(reduction)
         self.normalized = bool(normalized)
 

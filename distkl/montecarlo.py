@@ -43,8 +43,9 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, MixtureSameFamily
 
+from distkl._checks import batch_shape_of, check_positive_int, check_same_event_shape
 from distkl._gaussian import GaussianMixture, as_gaussian_mixture, is_gaussian_family
-from distkl._validation import batch_shape_of, check_same_event_shape
+from distkl._rng import rng_scope
 from distkl.density import GaussianScorer, logsumexp_last
 
 __all__ = ["Estimate", "kl_mc", "expectation"]
@@ -235,7 +236,7 @@ class _GenericSampler:
     ) -> _Draw:
         c, bf = idx.shape
         ne = len(self.event_shape)
-        with _seeded(generator, self.device):
+        with rng_scope(generator, self.device):
             s = (
                 self.component.rsample((c,))
                 if self.reparameterized
@@ -276,31 +277,6 @@ def _some_tensor(d: Distribution) -> Tensor:
         if isinstance(v, Tensor):
             return v
     return d.sample()
-
-
-class _seeded:
-    """Run torch's own samplers seeded from ``generator``, leaving the global RNG untouched."""
-
-    def __init__(self, generator: Optional[torch.Generator], device: torch.device) -> None:
-        self.generator = generator
-        self.device = device
-        self._fork: Optional[object] = None
-
-    def __enter__(self) -> None:
-        if self.generator is None:
-            return
-        seed = int(
-            torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device)
-        )
-        devices = [self.device] if self.device.type == "cuda" else []
-        fork = torch.random.fork_rng(devices=devices)
-        fork.__enter__()
-        self._fork = fork
-        torch.manual_seed(seed)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fork is not None:
-            self._fork.__exit__(None, None, None)  # type: ignore[attr-defined]
 
 
 def _make_sampler(p: Distribution, batch_shape: Optional[torch.Size] = None) -> _Sampler:
@@ -531,9 +507,9 @@ def _run(
     extra controls ``(c, *batch_out, m)`` with zero mean within every stratum (only needed when
     ``controls`` is true).
     """
-    _check_int("num_samples", num_samples)
+    check_positive_int("num_samples", num_samples)
     if chunk_size is not None:
-        _check_int("chunk_size", chunk_size)
+        check_positive_int("chunk_size", chunk_size)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(
@@ -627,11 +603,6 @@ def _add_score_term(z: Tensor, lp: Tensor, s: Tensor, ns: int) -> Tensor:
     lp = lp.to(z.dtype)
     term = (f - baseline) * (lp - lp.detach())
     return torch.cat([(z[..., 0] + term).unsqueeze(-1), z[..., 1:]], dim=-1)
-
-
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
 # ============================================================================================

@@ -52,8 +52,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from distkl._checks import batch_shape_of, check_positive_int, check_same_event_shape
 from distkl._gaussian import GaussianMixture, as_gaussian_mixture
-from distkl._validation import batch_shape_of, check_same_event_shape
 
 __all__ = ["kl_quadrature", "jsd_quadrature", "expect_1d"]
 
@@ -73,12 +73,6 @@ def _legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
 def _offsets(dtype: torch.dtype, device: torch.device) -> Tensor:
     half = torch.tensor(_OFFSETS[1:], dtype=dtype, device=device)
     return torch.cat([-half.flip(0), torch.zeros(1, dtype=dtype, device=device), half])
-
-
-def _check_nodes(nodes: int) -> int:
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-        raise ValueError(f"nodes must be a positive int, got {nodes!r}.")
-    return nodes
 
 
 def _scalar_mixture(d: Distribution, role: str) -> GaussianMixture:
@@ -277,7 +271,7 @@ def kl_quadrature(p: Distribution, q: Distribution, *, nodes: int = 128) -> Tens
     Source: Gauss-Legendre quadrature (Davis & Rabinowitz, *Methods of Numerical Integration*,
     1984, sec. 2.7); the non-negative integrand uses :math:`\int (q - p) = 0`.
     """
-    nodes = _check_nodes(nodes)
+    nodes = check_positive_int("nodes", nodes)
     mp, mq, _, dtype = _pair(p, q)
     x, wts = _nodes_for(mp, mq, nodes)
     log_p, log_q, f = _log_densities(x, mp, mq)
@@ -339,10 +333,11 @@ def jsd_quadrature(
     integrand is the pointwise identity
     :math:`\alpha p \log\frac{p}{m} + (1-\alpha) q \log\frac{q}{m} = m\,\mathrm{kl}(\pi\|\alpha)`.
     """
-    from distkl.registry import _check_skew, binary_entropy
+    from distkl._checks import check_skew
+    from distkl.registry import binary_entropy
 
-    alpha = _check_skew(skew)
-    nodes = _check_nodes(nodes)
+    alpha = check_skew(skew)
+    nodes = check_positive_int("nodes", nodes)
     mp, mq, _, dtype = _pair(p, q)
     x, wts = _nodes_for(mp, mq, nodes)
     log_p, log_q, f = _log_densities(x, mp, mq)
@@ -375,7 +370,7 @@ def expect_1d(p: Distribution, fn: Callable[[Tensor], Tensor], *, nodes: int = 1
     Returns:
         Tensor of shape ``p.batch_shape``.
     """
-    nodes = _check_nodes(nodes)
+    nodes = check_positive_int("nodes", nodes)
     mp = _scalar_mixture(p, "p")
     loc, scale = _loc_scale(mp)
     x, wts = _composite_rule(loc, scale, nodes)  # (*b, N)

@@ -23,6 +23,9 @@ from torch import Tensor
 from torch.distributions import Distribution
 from torch.distributions import kl as _torch_kl
 
+from distkl._checks import check_skew
+from distkl._torch_compat import kl_table
+
 __all__ = [
     "RuleInfo",
     "register_kl",
@@ -115,7 +118,7 @@ def register_kl(
         raise ValueError(f"on_conflict must be 'raise' or 'skip', got {on_conflict!r}.")
 
     def decorator(fn: KLFn) -> KLFn:
-        existing = _torch_kl._KL_REGISTRY.get((type_p, type_q))
+        existing = kl_table().get((type_p, type_q))
         if existing is not None and not _same_rule(existing, fn):
             if on_conflict == "skip":
                 _SKIPPED_KL[type_p, type_q] = RuleInfo(type_p, type_q, existing, "external")
@@ -225,15 +228,6 @@ def _dispatch_jsd(type_p: type, type_q: type) -> Callable[..., Tensor] | None:
     return left_fn
 
 
-def _check_skew(skew: float) -> float:
-    if isinstance(skew, Tensor):
-        raise TypeError("skew must be a Python float in (0, 1), got a Tensor.")
-    skew = float(skew)
-    if not (0.0 < skew < 1.0) or math.isnan(skew):
-        raise ValueError(f"skew must lie strictly between 0 and 1, got {skew}.")
-    return skew
-
-
 def js_divergence(p: Distribution, q: Distribution, *, skew: float = 0.5) -> Tensor:
     r"""Jensen-Shannon divergence ``JS_alpha(p, q)`` in nats.
 
@@ -256,7 +250,7 @@ def js_divergence(p: Distribution, q: Distribution, *, skew: float = 0.5) -> Ten
         NotImplementedError: when no rule is registered for ``(type(p), type(q))``; the message
             lists the registered pairs.
     """
-    alpha = _check_skew(skew)
+    alpha = check_skew(skew)
     fn = _dispatch_jsd(type(p), type(q))  # type: ignore[arg-type]
     if fn is None:
         registered = ", ".join(r.name for r in jsd_rules()) or "none"

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution, constraints
-from torch.distributions import kl as torch_kl
 
 from distkl._options import options
+from distkl._torch_compat import kl_table
 from distkl.examples import EXAMPLES, Example
 from distkl.registry import (
     _JSD_RULES,
@@ -324,10 +324,10 @@ def kl_rule_for(
 ) -> tuple[Optional[Callable[..., Tensor]], Optional[RuleInfo]]:
     """The function ``kl_divergence`` dispatches to for the types, and distkl's RuleInfo for the
     matched pair (None for torch's own rules); ``(None, None)`` when no rule matches."""
-    key = _most_specific(type_p, type_q, list(torch_kl._KL_REGISTRY))
+    key = _most_specific(type_p, type_q, list(kl_table()))
     if key is None:
         return None, None
-    fn = torch_kl._KL_REGISTRY[key]
+    fn = kl_table()[key]
     info = _KL_RULES.get(key)
     return fn, (info if info is not None and info.fn is fn else None)
 
@@ -482,7 +482,7 @@ def _compare(
 
 
 def _pair_name(p: Distribution, q: Distribution) -> str:
-    from distkl._validation import describe
+    from distkl._checks import describe
 
     return f"{describe(p)}-{describe(q)}".replace(", 1)", ")")
 
@@ -620,10 +620,10 @@ def check_jsd(
     Raises:
         NotImplementedError: when no JSD rule is registered for the pair.
     """
-    from distkl.registry import _check_skew
+    from distkl._checks import check_skew
 
     _check_num_samples(num_samples)
-    alpha_skew = _check_skew(skew)
+    alpha_skew = check_skew(skew)
     info = jsd_rule_for(type(p), type(q))
     if info is None:
         raise NotImplementedError(
@@ -819,7 +819,7 @@ def _coverage(examples: Sequence[Example]) -> tuple[list[str], list[str]]:
     missing = []
     for ex in examples:
         p, q = ex.build("cpu", torch.float64)
-        key = _most_specific(type(p), type(q), list(torch_kl._KL_REGISTRY))
+        key = _most_specific(type(p), type(q), list(kl_table()))
         if key is None:
             missing.append(
                 f"example {ex.id}: no KL rule registered for "

@@ -18,9 +18,9 @@ from torch.distributions import (
 from distkl.approx import kl_unscented, kl_variational
 from distkl.examples import random_spd
 from distkl.quadrature import kl_quadrature
+from tests.conftest import F64
 from tests.examples import by_family, params
 
-F64 = torch.float64
 METHODS = [kl_variational, kl_unscented]
 IDS = ["variational", "unscented"]
 

@@ -28,10 +28,9 @@ from distkl._gaussian import as_gaussian_mixture
 from distkl.approx import mixture_log_density
 from distkl.bounds import KLBounds, _all_bounds, _to64, kl_bounds
 from distkl.quadrature import kl_quadrature
+from tests.conftest import F64, Z
 from tests.examples import by_family, params
 
-F64 = torch.float64
-Z = 4.5
 SLACK = 1e-9  # relative tolerance against the quadrature reference (its own error is < 1e-10)
 
 

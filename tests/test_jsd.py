@@ -36,9 +36,9 @@ import distkl
 import distkl.registry as registry
 from distkl.jsd import SUPPORTED, js_from_log_probs, jsd_mc
 from distkl.registry import binary_entropy, js_divergence, jsd_rules, register_jsd
+from tests.conftest import Z
 from tests.examples import EDGE, INFINITE, by_family, params
 
-Z = 4.5
 LOG2 = math.log(2.0)
 NEG_INF = -math.inf
 

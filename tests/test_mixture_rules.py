@@ -25,9 +25,9 @@ import distkl
 import distkl.rules.mixture as mixture_rules
 from distkl.montecarlo import kl_mc
 from distkl.registry import kl_rules
+from tests.conftest import Z
 from tests.examples import by_family, params
 
-Z = 4.5
 MSF = MixtureSameFamily
 PAIRS = [
     (MSF, MSF),

@@ -26,9 +26,7 @@ from torch.distributions import (
 )
 
 from distkl.montecarlo import Estimate, expectation, kl_mc
-
-Z = 4.5
-
+from tests.conftest import Z
 
 # ---- deterministic references ------------------------------------------------------------
 

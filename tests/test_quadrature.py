@@ -20,9 +20,8 @@ from torch.distributions import (
 
 from distkl._gaussian import as_gaussian_mixture
 from distkl.quadrature import expect_1d, jsd_quadrature, kl_quadrature
+from tests.conftest import F64
 from tests.examples import by_family, params
-
-F64 = torch.float64
 
 
 def mix(w, m, s, dtype=F64, device="cpu") -> MixtureSameFamily:

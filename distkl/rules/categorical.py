@@ -37,8 +37,9 @@ from torch.distributions import (
     OneHotCategorical,
 )
 
-from distkl._validation import check_same_num_categories, unsupported
-from distkl.functional import _safe_log, kl_from_log_probs
+from distkl._checks import check_same_num_categories, unsupported
+from distkl._torch_compat import exact_log_probs
+from distkl.functional import kl_from_log_probs
 from distkl.registry import register_kl
 
 __all__ = [
@@ -69,10 +70,7 @@ def is_categorical_family(d: Distribution) -> bool:
 def _base_log_probs(d: Categorical | OneHotCategorical) -> Tensor:
     """Normalised log-probabilities ``(*batch, K)`` from the parameter ``d`` was built with."""
     cat = d._categorical if isinstance(d, OneHotCategorical) else d
-    if cat._param is cat.__dict__.get("probs"):
-        # Built from probs: torch's ``logits`` clamps them to eps; take the exact log instead.
-        return _safe_log(cat.probs)
-    return cat.logits
+    return exact_log_probs(cat)
 
 
 def _logsumexp(x: Tensor, dim: int) -> Tensor:

@@ -34,9 +34,9 @@ from torch.distributions import (
     OneHotCategorical,
 )
 
+from distkl._checks import batch_shape_of, check_same_event_shape, unsupported
 from distkl._gaussian import SUPPORTED_COMPONENTS, is_gaussian_family
 from distkl._options import get_options
-from distkl._validation import batch_shape_of, check_same_event_shape, unsupported
 from distkl.registry import register_kl
 
 __all__ = ["kl_gaussian_mixture"]

@@ -43,9 +43,9 @@ from torch.distributions import (
     MultivariateNormal,
     Normal,
 )
-from torch.distributions.multivariate_normal import _batch_mahalanobis
 
-from distkl._validation import batch_shape_of, check_same_event_shape, unsupported
+from distkl._checks import batch_shape_of, check_same_event_shape, unsupported
+from distkl._torch_compat import batch_mahalanobis, capacitance_tril, lowrank_factors, scale_tril
 from distkl.registry import register_kl
 
 __all__: list[str] = []
@@ -118,14 +118,14 @@ def _kl_independent_multivariatenormal(p: Distribution, q: Distribution) -> Tens
     base = _diagonal_normal(p, "p", q)
     check_same_event_shape(p, q)
     batch_shape_of(p, q)
-    L = q._unbroadcasted_scale_tril
+    L = scale_tril(q)
     eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
     L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
     off_diag = L_inv.tril(-1).square().sum(-2)  # sum_{j>i} M_ji^2
     var = base.scale.square()
     log_ratio = 2.0 * torch.log(base.scale / _diag(L))  # log(sigma_i^2 / L_ii^2)
     spread = (_phi_of_log(log_ratio) + var * off_diag).sum(-1)
-    mahalanobis = _batch_mahalanobis(L, q.loc - p.mean)
+    mahalanobis = batch_mahalanobis(L, q.loc - p.mean)
     return 0.5 * (spread + mahalanobis)
 
 
@@ -154,7 +154,7 @@ def _kl_multivariatenormal_independent(p: Distribution, q: Distribution) -> Tens
     base = _diagonal_normal(q, "q", p)
     check_same_event_shape(p, q)
     batch_shape_of(p, q)
-    L = p._unbroadcasted_scale_tril
+    L = scale_tril(p)
     off_diag = L.tril(-1).square().sum(-1)  # sum_{j<i} L_ij^2
     inv_var = base.scale.square().reciprocal()
     log_ratio = 2.0 * torch.log(_diag(L) / base.scale)  # log(L_ii^2 / sigma_i^2)
@@ -195,9 +195,8 @@ def _kl_independent_lowrankmultivariatenormal(p: Distribution, q: Distribution) 
     base = _diagonal_normal(p, "p", q)
     check_same_event_shape(p, q)
     batch_shape_of(p, q)
-    W = q._unbroadcasted_cov_factor
-    d = q._unbroadcasted_cov_diag
-    C_tril = q._capacitance_tril
+    W, d = lowrank_factors(q)
+    C_tril = capacitance_tril(q)
     d_rsqrt = d.rsqrt()
     W_tilde = W * d_rsqrt.unsqueeze(-1)
     row_sq = W_tilde.square().sum(-1)  # ||w_i||^2
@@ -241,11 +240,10 @@ def _kl_lowrankmultivariatenormal_independent(p: Distribution, q: Distribution) 
     base = _diagonal_normal(q, "q", p)
     check_same_event_shape(p, q)
     batch_shape_of(p, q)
-    W = p._unbroadcasted_cov_factor
-    d = p._unbroadcasted_cov_diag
+    W, d = lowrank_factors(p)
     W_tilde = W * d.rsqrt().unsqueeze(-1)
     log1p_n = torch.log1p(W_tilde.square().sum(-1))
-    hadamard_gap = log1p_n.sum(-1) - _log_det_capacitance(W_tilde, p._capacitance_tril)
+    hadamard_gap = log1p_n.sum(-1) - _log_det_capacitance(W_tilde, capacitance_tril(p))
     log_a = torch.log(d / base.scale.square()) + log1p_n
     mahalanobis = ((q.mean - p.loc) / base.scale).square().sum(-1)
     return 0.5 * (_phi_of_log(log_a).sum(-1) + hadamard_gap + mahalanobis)

@@ -579,15 +579,14 @@ def derive_and_register(
         ValueError: if the pair is already registered, or the formula disagrees with sampling.
         DerivationTimeout, DerivationError: as :func:`derive`.
     """
-    from torch.distributions import kl as torch_kl
-
+    from distkl._torch_compat import kl_table
     from distkl.registry import register_kl
     from distkl.verify import check_values
 
     for t in (p.cls, q.cls):
         if not (isinstance(t, type) and issubclass(t, Distribution)):
             raise TypeError(f"Family.cls must be a Distribution subclass, got {t!r}.")
-    existing = torch_kl._KL_REGISTRY.get((p.cls, q.cls))
+    existing = kl_table().get((p.cls, q.cls))
     if existing is not None:
         raise ValueError(
             f"KL({p.name} || {q.name}) is already registered with torch (by "
