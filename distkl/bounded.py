@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
+from distkl._categorical import is_categorical_family, kl_categorical_mixture_pair
 from distkl._checks import check_skew
-from distkl.registry import binary_entropy, js_divergence
-from distkl.rules.categorical import is_categorical_family, kl_categorical_mixture_pair
+from distkl._logspace import binary_entropy
+from distkl.registry import js_divergence
 
 __all__ = [
     "SATURATIONS",

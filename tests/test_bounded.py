@@ -18,6 +18,7 @@ from torch.distributions import (
 )
 
 import distkl.jsd  # noqa: F401  (registers the JSD rules)
+from distkl._logspace import binary_entropy
 from distkl.bounded import (
     SATURATIONS,
     bounded_kl,
@@ -26,7 +27,6 @@ from distkl.bounded import (
     js_divergence_normalized,
     saturate,
 )
-from distkl.registry import binary_entropy
 
 LOG2 = math.log(2.0)
 NEG_INF = -math.inf
