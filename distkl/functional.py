@@ -109,8 +109,7 @@ def log_probs(
     _check_dim(x, dim, what)
     if x.shape[dim] == 0:
         raise ValueError(
-            f"{what} must have at least one category along dim={dim}, got shape "
-            f"{tuple(x.shape)}."
+            f"{what} must have at least one category along dim={dim}, got shape {tuple(x.shape)}."
         )
     check_values = _validate(validate_args) and x.device.type != "meta"
     if logits is not None:
