@@ -31,8 +31,8 @@ from typing import Optional
 from torch import Tensor, nn
 from torch.distributions import Distribution, kl_divergence
 
-from distkl._checks import check_choice, check_skew
-from distkl.bounded import _check_bound, _check_saturation, bounded_kl, js_divergence_normalized
+from distkl._checks import check_choice, check_finite, check_skew
+from distkl.bounded import SATURATIONS, bounded_kl, js_divergence_normalized
 from distkl.functional import REDUCTIONS, apply_reduction
 from distkl.registry import js_divergence
 
@@ -108,9 +108,10 @@ class KLLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        self.bound = None if bound is None else _check_bound(bound)
-        _check_saturation(saturation)
-        self.saturation = saturation
+        if bound is not None:
+            bound = check_finite("bound", bound, minimum=0.0, strict=True)
+        self.bound = bound
+        self.saturation = check_choice("saturation", saturation, SATURATIONS)
 
     def forward(self, p: Distribution, q: Distribution) -> Tensor:
         if self.bound is None:
