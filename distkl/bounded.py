@@ -4,7 +4,6 @@ The Jensen-Shannon divergence is already bounded, with no squashing: :math:`0 \l
 \mathrm{JS}_\alpha(p, q) \le H(\alpha)` (:math:`\log 2` at the default ``skew=0.5``, reached
 exactly for disjoint supports). This module adds
 
-* :func:`js_divergence` -- re-exported from :mod:`distkl.registry`, in nats;
 * :func:`js_divergence_normalized` -- :math:`\mathrm{JS}_\alpha / H(\alpha) \in [0, 1]`; at
   ``skew=0.5`` this is the JSD in bits (base-2 logarithm);
 * :func:`js_distance` -- :math:`\sqrt{\mathrm{JS}_\alpha}`, a metric at ``skew=0.5``, with a
@@ -38,7 +37,6 @@ from distkl.registry import js_divergence
 
 __all__ = [
     "SATURATIONS",
-    "js_divergence",
     "js_divergence_normalized",
     "js_distance",
     "bounded_kl",

@@ -23,10 +23,10 @@ from distkl.bounded import (
     SATURATIONS,
     bounded_kl,
     js_distance,
-    js_divergence,
     js_divergence_normalized,
     saturate,
 )
+from distkl.registry import js_divergence
 
 LOG2 = math.log(2.0)
 NEG_INF = -math.inf

@@ -146,3 +146,8 @@ def test_reduction_message_is_the_functional_one():
 def test_bound_of_the_wrong_type_is_named(bound):
     with pytest.raises(TypeError, match="bound must be a finite number > 0"):
         KLLoss(bound=bound)
+
+
+def test_skew_none_is_named():
+    with pytest.raises(TypeError, match="skew must be a Python float in \\(0, 1\\), got NoneType"):
+        JSDLoss(skew=None)  # type: ignore[arg-type]
