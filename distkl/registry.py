@@ -14,7 +14,6 @@ The JSD registry mirrors torch's KL dispatch: the most specific ``(P, Q)`` match
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -259,11 +258,6 @@ def js_divergence(p: Distribution, q: Distribution, *, skew: float = 0.5) -> Ten
             f"{type(q).__name__}; registered pairs: {registered}."
         )
     return fn(p, q, alpha)
-
-
-def binary_entropy(alpha: float) -> float:
-    """Binary entropy -a log(a) - (1 - a) log(1 - a) of a = alpha, in nats: JS_alpha's bound."""
-    return -(alpha * math.log(alpha) + (1.0 - alpha) * math.log1p(-alpha))
 
 
 def rules_markdown() -> str:

@@ -43,7 +43,7 @@ from torch.distributions import Distribution
 
 from distkl._checks import batch_shape_of, check_same_event_shape, check_skew
 from distkl._options import get_options
-from distkl.functional import _clamp_range
+from distkl._logspace import clamp_to_js_range
 from distkl.montecarlo._engine import run
 from distkl.montecarlo._estimate import Estimate
 from distkl.montecarlo._integrand import KLIntegrand, bounded_terms, equal_parameters, log_density
@@ -287,4 +287,4 @@ def jsd_mc(
     var = alpha**2 * e_p.stderr.square() + (1.0 - alpha) ** 2 * e_q.stderr.square()
     # The value is a convex combination of terms in [0, H(alpha)]: the clamp only removes
     # rounding excursions.
-    return Estimate(_clamp_range(value, alpha), var.sqrt(), e_p.num_samples + e_q.num_samples)
+    return Estimate(clamp_to_js_range(value, alpha), var.sqrt(), e_p.num_samples + e_q.num_samples)
