@@ -49,7 +49,6 @@ from torch.distributions import (
 
 from distkl._categorical import is_categorical_family, js_categorical_family
 from distkl._checks import (
-    batch_shape_of,
     check_same_event_shape,
     describe,
     unsupported,

@@ -42,8 +42,8 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from distkl._checks import batch_shape_of, check_same_event_shape, check_skew
-from distkl._options import get_options
 from distkl._logspace import clamp_to_js_range
+from distkl._options import get_options
 from distkl.montecarlo._engine import run
 from distkl.montecarlo._estimate import Estimate
 from distkl.montecarlo._integrand import KLIntegrand, bounded_terms, equal_parameters, log_density

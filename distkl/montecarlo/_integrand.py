@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from distkl._gaussian import GaussianMixture, as_gaussian_mixture, is_gaussian_family
-from distkl.density import gaussian_scorer, logsumexp_last
 from distkl._logspace import log_ratio_to_mix
+from distkl.density import gaussian_scorer, logsumexp_last
 from distkl.montecarlo._samplers import Draw, GaussianSampler, Sampler
 
 __all__ = ["KLIntegrand", "bounded_terms", "log_density", "MATCHES"]
