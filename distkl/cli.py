@@ -44,6 +44,7 @@ def rule_table() -> list[dict[str, Any]]:
                     "p": r.type_p.__name__,
                     "q": r.type_q.__name__,
                     "kind": r.kind,
+                    "kind_summary": r.kind_summary,
                     "method": method if r.kind == "estimate" else None,
                     "module": r.module,
                     "function": r.fn.__qualname__,
@@ -68,7 +69,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
             r["divergence"],
             r["p"],
             r["q"],
-            r["kind"] if r["kind"] == "exact" else f"estimate ({get_options().method})",
+            r["kind_summary"]
+            if r["kind_summary"] != "estimate"
+            else f"estimate ({get_options().method})",
             f"{r['module']}.{r['function']}",
         )
         for r in rows
@@ -88,8 +91,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     for r in skipped_kl_rules():
         print(
-            f"KL {r.name}: left to {r.fn.__module__}.{r.fn.__qualname__}, registered before "
-            "distkl was imported."
+            f"KL {r.name}: torch dispatches to {r.fn.__module__}.{r.fn.__qualname__} "
+            "(another library's rule), not to distkl's."
         )
     return 0
 

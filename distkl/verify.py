@@ -30,7 +30,7 @@ import math
 import statistics
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -40,16 +40,14 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from distkl._options import options
-from distkl._torch_compat import kl_table
 from distkl.examples import EXAMPLES, Example
 from distkl.registry import (
-    _JSD_RULES,
-    _KL_RULES,
     RuleInfo,
-    _Match,
     js_divergence,
     jsd_rules,
     kl_rules,
+    lookup_jsd,
+    lookup_kl,
 )
 
 __all__ = [
@@ -308,34 +306,16 @@ def _naive_jsd(
 # Finding and evaluating the registered rule
 
 
-def _most_specific(
-    type_p: type, type_q: type, keys: Iterable[tuple[type, type]]
-) -> Optional[tuple[type, type]]:
-    """The registered ``(P, Q)`` that dispatch picks for ``(type_p, type_q)``, as torch does."""
-    matches = [(sp, sq) for sp, sq in keys if issubclass(type_p, sp) and issubclass(type_q, sq)]
-    if not matches:
-        return None
-    key: tuple[type, type] = min(_Match(*m) for m in matches).types  # type: ignore[assignment]
-    return key
-
-
 def kl_rule_for(
     type_p: type, type_q: type
 ) -> tuple[Optional[Callable[..., Tensor]], Optional[RuleInfo]]:
-    """The function ``kl_divergence`` dispatches to for the types, and distkl's RuleInfo for the
-    matched pair (None for torch's own rules); ``(None, None)`` when no rule matches."""
-    key = _most_specific(type_p, type_q, list(kl_table()))
-    if key is None:
-        return None, None
-    fn = kl_table()[key]
-    info = _KL_RULES.get(key)
-    return fn, (info if info is not None and info.fn is fn else None)
+    """Deprecated alias of `distkl.registry.lookup_kl`."""
+    return lookup_kl(type_p, type_q)
 
 
 def jsd_rule_for(type_p: type, type_q: type) -> Optional[RuleInfo]:
     """distkl's JSD RuleInfo of the pair ``js_divergence`` dispatches to, or None."""
-    key = _most_specific(type_p, type_q, list(_JSD_RULES))
-    return None if key is None else _JSD_RULES[key]
+    return lookup_jsd(type_p, type_q)[1]
 
 
 def _has_module(name: str) -> bool:
@@ -571,7 +551,7 @@ def check_kl(
             f"No KL(p || q) is registered for p type {type(p).__name__} and q type "
             f"{type(q).__name__}; nothing to check."
         )
-    kind = info.kind if info is not None else "exact"
+    kind = info.kind_for(p, q) if info is not None else "exact"
     seed = _seed_from(generator)
     estimate, mc_se = _naive_kl(p, q, num_samples, seed)
     with torch.no_grad():
@@ -631,6 +611,7 @@ def check_jsd(
             f"{type(q).__name__}; nothing to check."
         )
     seed = _seed_from(generator)
+    kind = info.kind_for(p, q)
     estimate, mc_se = _naive_jsd(p, q, alpha_skew, num_samples, seed)
     with torch.no_grad():
         value, rule_se, method = _evaluate(
@@ -638,7 +619,7 @@ def check_jsd(
             q,
             lambda: js_divergence(p, q, skew=alpha_skew),
             _jsd_mc_stderr(p, q, alpha_skew),
-            info.kind,
+            kind,
             num_samples,
             seed ^ 0x5EED,
         )
@@ -652,7 +633,7 @@ def check_jsd(
         num_samples,
         z,
         alpha,
-        info.kind,
+        kind,
         method,
     )
 
@@ -819,17 +800,17 @@ def _coverage(examples: Sequence[Example]) -> tuple[list[str], list[str]]:
     missing = []
     for ex in examples:
         p, q = ex.build("cpu", torch.float64)
-        key = _most_specific(type(p), type(q), list(kl_table()))
-        if key is None:
+        fn, info = lookup_kl(type(p), type(q))
+        if fn is None:
             missing.append(
                 f"example {ex.id}: no KL rule registered for "
                 f"({type(p).__name__}, {type(q).__name__})"
             )
-        else:
-            kl_keys.add(key)
-        jkey = _most_specific(type(p), type(q), list(_JSD_RULES))
-        if jkey is not None:
-            jsd_keys.add(jkey)
+        elif info is not None:
+            kl_keys.add((info.type_p, info.type_q))
+        _, jinfo = lookup_jsd(type(p), type(q))
+        if jinfo is not None:
+            jsd_keys.add((jinfo.type_p, jinfo.type_q))
     gaps = [
         f"KL rule {r.name} ({r.module}) has no row in distkl.examples.EXAMPLES"
         for r in kl_rules()
@@ -889,10 +870,10 @@ def run_verify(
         fn, info = kl_rule_for(type(p), type(q))
         if fn is not None:
             module = info.module if info is not None else f"{fn.__module__} (torch)"
-            plan.append((ex, "KL", info.kind if info else "exact", module, numel))
+            plan.append((ex, "KL", info.kind_for(p, q) if info else "exact", module, numel))
         jinfo = jsd_rule_for(type(p), type(q))
         if jinfo is not None:
-            plan.append((ex, "JSD", jinfo.kind, jinfo.module, numel))
+            plan.append((ex, "JSD", jinfo.kind_for(p, q), jinfo.module, numel))
     num_elements = sum(t[4] for t in plan) * len(devices) * len(dtypes)
     zstar = z_threshold(max(num_elements, 1), alpha)
 

@@ -108,17 +108,12 @@ def test_verify_exits_1_on_a_planted_wrong_rule(capsys, monkeypatch):
         return _P(loc, 1.0), _Q(-loc, 1.5)
 
     monkeypatch.setattr(verify, "EXAMPLES", [Example("_P-_Q", make, "normal")])
-    registry.register_kl(_P, _Q)(wrong)
-    try:
+    with registry.registered_kl(_P, _Q, wrong):
         status, out, _ = run(capsys, "verify", "--device", "cpu", "--no-progress")
         assert status == 1
         assert "FAIL" in out and "_P-_Q" in out
         status, out, _ = run(capsys, "verify", "--device", "cpu", "--no-progress", "--json")
         assert status == 1 and json.loads(out)["passed"] is False
-    finally:
-        torch_kl._KL_REGISTRY.pop((_P, _Q))
-        registry._KL_RULES.pop((_P, _Q))
-        torch_kl._KL_MEMOIZE.clear()
 
 
 def test_verify_strict_fails_on_gaps(capsys, monkeypatch):

@@ -70,3 +70,11 @@ def test_exact_log_probs_keeps_zero_tiny_and_nan() -> None:
     assert not nan.isnan().any()
     bad = Categorical(probs=torch.tensor([float("nan"), 1.0]), validate_args=False)
     assert compat.exact_log_probs(bad).isnan().any()
+
+
+def test_kl_memo_is_torchs_live_memo() -> None:
+    compat.clear_kl_cache()
+    kl_divergence(Normal(0.0, 1.0), Normal(1.0, 1.0))
+    memo = compat.kl_memo()
+    assert memo is torch.distributions.kl._KL_MEMOIZE
+    assert memo[Normal, Normal] is torch.distributions.kl._kl_normal_normal
