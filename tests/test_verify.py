@@ -17,13 +17,14 @@ import distkl.jsd  # noqa: F401  (JSD rules; `import distkl` may not import them
 import distkl.rules.categorical  # noqa: F401
 import distkl.rules.mixture  # noqa: F401
 import distkl.rules.normal  # noqa: F401
-from distkl.examples import Example
+from distkl.examples import EXAMPLES, Example
 from distkl.registry import registered_jsd, registered_kl
 from distkl.verify import (
     CheckResult,
     check_jsd,
     check_kl,
     check_values,
+    plan_verify,
     run_verify,
     z_threshold,
 )
@@ -216,15 +217,19 @@ def test_check_jsd_passes_a_correct_rule_and_catches_a_wrong_one(skew):
     assert not bad.passed, str(bad)
 
 
-def test_verify_passes_on_the_real_registry(device, dtype):
-    report = run_verify(devices=[str(device)], dtypes=[dtype], num_samples=4096)
-    assert report.rows, "no check ran"
-    assert report.passed(), report.table()
-    kl_rows = {r.pair for r in report.rows if r.divergence == "KL"}
+def test_verify_passes_on_the_real_registry(device):
+    """The whole table once: even rows in float32, odd rows in float64 (both dtypes covered)."""
+    rows = []
+    for dtype, table in ((torch.float32, EXAMPLES[0::2]), (torch.float64, EXAMPLES[1::2])):
+        report = run_verify(devices=[str(device)], dtypes=[dtype], examples=table, num_samples=4096)
+        assert report.passed(), report.table()
+        rows += report.rows
+    assert {r.pair for r in rows} == {ex.id for ex in EXAMPLES}
+    kl_rows = {r.pair for r in rows if r.divergence == "KL"}
     assert "Normal-MixtureSameFamily(Normal)" in kl_rows
     assert "Categorical-OneHotCategorical" in kl_rows
     # estimate rules: quadrature in 1-D, Monte Carlo otherwise
-    methods = {r.result.method for r in report.rows if r.result is not None}
+    methods = {r.result.method for r in rows if r.result is not None}
     assert {"quadrature", "mc"} <= methods
 
 
@@ -277,3 +282,73 @@ def test_verify_json_is_plain_data():
     row = data["rows"][0]
     assert row["kind"] == "estimate" and row["method"] == "quadrature"
     assert len(row["z"]) == len(row["analytic"]) == math.prod(row["shape"])
+
+
+CATEGORICAL_MIXTURES = "MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical)"
+
+
+def test_mixture_of_categoricals_is_checked_as_exact():
+    """Issue 11.12: the kind is what the rule computes for the actual components."""
+    plan = plan_verify(only=CATEGORICAL_MIXTURES, divergences=("KL",))
+    assert [(c.divergence, c.kind) for c in plan.checks] == [("KL", "exact")]
+    (ex,) = [e for e in EXAMPLES if e.id == CATEGORICAL_MIXTURES]
+    p, q = ex.build()
+    result = check_kl(p, q, num_samples=4096, generator=_gen(11))
+    assert result.kind == "exact" and result.method is None and result.passed, str(result)
+    gauss = plan_verify(only="MixtureSameFamily(Normal)-MixtureSameFamily(Normal)")
+    assert {c.kind for c in gauss.checks} == {"estimate"}
+
+
+def test_plan_counts_the_elements_and_filters_by_kind():
+    plan = plan_verify(devices=["cpu"], dtypes=[torch.float64], divergences=("JSD",))
+    assert plan.checks and {c.divergence for c in plan.checks} == {"JSD"}
+    assert plan.num_elements == sum(c.num_elements for c in plan.checks)
+    assert plan.z_threshold == z_threshold(plan.num_elements)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_samples": 1}, "num_samples must be an int >= 2"),
+        ({"alpha": 1.0}, "alpha must lie strictly between 0 and 1"),
+        ({"divergences": ("KLD",)}, "divergence"),
+    ],
+)
+def test_plan_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_verify(**kwargs)
+
+
+def test_run_verify_sets_threads_for_the_run_only():
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = run_verify(
+            devices=["cpu"],
+            dtypes=[torch.float64],
+            examples=[_planted_row()],
+            num_samples=64,
+            threads=1,
+            progress=lambda line: seen.append(torch.get_num_threads()),
+        )
+        assert seen and set(seen) == {1} and report.threads == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        run_verify(examples=[], threads=0)
+
+
+def test_report_lines_fit_100_columns_and_list_failures():
+    def wrong(p, q):
+        return 1.1 * _normal_kl(p, q)
+
+    with registered_kl(_P, _Q, wrong):
+        report = run_verify(devices=["cpu"], examples=[_planted_row()], num_samples=50_000)
+    text = report.render()
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    tail = text[text.index("failures") :].replace(" \\\n      ", " ")
+    assert "KL _P-_Q cpu float32: z = " in tail and "KL _P-_Q cpu float64: z = " in tail
+    assert "python -m distkl verify --only _P-_Q --kind kl --device cpu --dtype float64" in tail
+    assert "[i/n] = that" in text  # the legend explains the index after z
