@@ -489,14 +489,3 @@ def js_divergence(p: Distribution, q: Distribution, *, skew: float = 0.5) -> Ten
 def binary_entropy(alpha: float) -> float:
     """Binary entropy -a log(a) - (1 - a) log(1 - a) of a = alpha, in nats: JS_alpha's bound."""
     return -(alpha * math.log(alpha) + (1.0 - alpha) * math.log1p(-alpha))
-
-
-def rules_markdown() -> str:
-    """The registered KL and JSD rules as a markdown table (used by the docs and README)."""
-    rows = ["| divergence | p | q | kind | module |", "|---|---|---|---|---|"]
-    for label, rules in (("KL", kl_rules()), ("JSD", jsd_rules())):
-        for r in rules:
-            kind = r.kind_summary if r.kind_summary != "estimate" else "estimate (method in force)"
-            p, q = r.type_p.__name__, r.type_q.__name__
-            rows.append(f"| {label} | `{p}` | `{q}` | {kind} | `{r.module}` |")
-    return "\n".join(rows)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import distkl.rules.categorical  # noqa: F401
 import distkl.rules.mixture  # noqa: F401
 import distkl.rules.normal  # noqa: F401
 from distkl import registry
-from distkl.cli import main
+from distkl.cli import TABLE_BEGIN, TABLE_END, main, rules_markdown
 from distkl.examples import Example
 from distkl.verify import plot
 
@@ -272,3 +273,33 @@ def test_derive_torch_prints_a_function_torch_can_register(capsys):
         assert torch_kl.kl_divergence(p, q) is not None
         torch.testing.assert_close(namespace["_kl_laplace_laplace"](p, q), expected)
     assert torch_kl._dispatch_kl(type(p), type(q)) is torch_kl._kl_laplace_laplace
+
+
+PAIRS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "pairs.md"
+
+
+def test_pairs_page_is_the_live_registry():
+    """docs/pairs.md holds the table as markdown (it reads on a forge), and it is current."""
+    text = PAIRS_PAGE.read_text(encoding="utf-8")
+    block = text.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0].strip()
+    assert block == rules_markdown(), (
+        "docs/pairs.md is stale: run python -m distkl list --update docs/pairs.md"
+    )
+    assert "| KL | `MixtureSameFamily` | `MixtureSameFamily` | exact for categorical" in block
+
+
+def test_list_update_rewrites_a_stale_table(capsys, tmp_path):
+    page = tmp_path / "pairs.md"
+    page.write_text(f"# Pairs\n\n{TABLE_BEGIN}\n| stale |\n{TABLE_END}\n\nafter\n")
+    status, out, _ = run(capsys, "list", "--update", str(page))
+    assert status == 0 and "table updated" in out
+    assert (
+        page.read_text() == f"# Pairs\n\n{TABLE_BEGIN}\n{rules_markdown()}\n{TABLE_END}\n\nafter\n"
+    )
+    status, out, _ = run(capsys, "list", "--update", str(page))
+    assert status == 0 and "already current" in out
+    page.write_text("no markers\n")
+    status, _, err = run(capsys, "list", "--update", str(page))
+    assert status == 2 and "no generated-table markers" in err and "Traceback" not in err
+    status, out, _ = run(capsys, "list", "--markdown")
+    assert status == 0 and out.strip() == rules_markdown()
