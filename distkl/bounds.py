@@ -44,7 +44,9 @@ from distkl._gaussian import (
     GaussianMixture,
     broadcast_mixtures,
     entropies,
+    invalid_elements,
     loc_scale_1d,
+    neutralize,
     pairwise_kl,
     pairwise_log_overlap,
     pairwise_log_product,
@@ -1007,6 +1009,8 @@ def kl_bounds(p: Distribution, q: Distribution) -> KLBounds:
     mp_in, mq_in = broadcast_mixtures(p, q)
     dtype = mp_in.loc.dtype
     mp, mq = to_float64(mp_in), to_float64(mq_in)
+    invalid = invalid_elements(mp) | invalid_elements(mq)  # NaN in, NaN out (no Cholesky error)
+    mp, mq = neutralize(mp, invalid), neutralize(mq, invalid)
     lowers, uppers = _all_bounds(mp, mq)
     lower = torch.stack(lowers).amax(0)
     upper = torch.stack(uppers).amin(0)
@@ -1017,6 +1021,8 @@ def kl_bounds(p: Distribution, q: Distribution) -> KLBounds:
     zero = torch.zeros_like(lower)
     lower = torch.where(same, zero, lower)
     upper = torch.where(same, zero, torch.maximum(upper, lower))
+    nan = torch.full_like(lower, math.nan)
+    lower, upper = torch.where(invalid, nan, lower), torch.where(invalid, nan, upper)
     return KLBounds(_round_out(lower, dtype, -math.inf), _round_out(upper, dtype, math.inf))
 
 
