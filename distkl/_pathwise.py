@@ -66,10 +66,9 @@ ANTITHETIC_RATIO = 0.5
 MAX_WORK = 1 << 23
 #: Largest ``(*sample, *batch, K, D)`` intermediate scored elementwise (beyond: GEMMs).
 ELEMENTWISE_LIMIT = 1 << 18
-#: Relative ridge on the diagonal of the normal equations.
-RIDGE = 1e-9
-#: Two controls are fitted together only when ``1 - corr^2`` exceeds this (else c_1 alone).
-MAX_CORRELATION_LOSS = 1e-2
+#: Relative ridge on the diagonal of the normal equations (bounds the coefficients of nearly
+#: collinear controls; shrinks a coefficient by about this fraction otherwise).
+RIDGE = 1e-2
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -170,9 +169,7 @@ def kl_pathwise(
         c2 = None if c2 is None else 0.5 * (c2[:h] + c2[h:])
     controls = [c1] if c2 is None else [c1, c2]
     units = torch.stack([y.detach() - base.detach(), *[c.detach() for c in controls]], -1)
-    fit_dtype = torch.float64 if units.device.type != "mps" else units.dtype
-    coef = _loo_coefficients(units.to(fit_dtype), p.batch_shape, pad) if control_variates else None
-    coef = None if coef is None else coef.to(y.dtype)
+    coef = _loo_coefficients(units, p.batch_shape, pad) if control_variates else None
     if coef is None:  # the naive estimate: log p(z) - log q(z) = c1 - H - log q
         per_unit = y + c1
     else:
@@ -318,23 +315,21 @@ def _loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) 
     if m * max(1, batch_p.numel()) - 1 < MIN_FIT_UNITS:
         return None
     k = units.shape[-1] - 1
-    tiny = torch.finfo(units.dtype).tiny
     outer = (units.unsqueeze(-1) * units[..., 1:].unsqueeze(-2)).sum_to_size(
         m, *pad, *batch_p, k + 1, k
     )  # (m, *pad, *bp, 1 + k, k): rows t, c_1[, c_2] times columns c_1[, c_2]
     loo = outer.sum(tuple(range(outer.dim() - 2))) - outer
-    g11, r1 = loo[..., 1, 0], loo[..., 0, 0]
-    alone = r1 / (g11 * (1 + RIDGE)).clamp_min(tiny)  # c_1 alone
+    tiny = torch.finfo(units.dtype).tiny
+    g11, r1 = loo[..., 1, 0] * (1 + RIDGE), loo[..., 0, 0]
     if k == 1:
-        return alone.unsqueeze(-1).expand(*units.shape[:-1], 1)
-    g12, g22, r2 = loo[..., 1, 1], loo[..., 2, 1], loo[..., 0, 1]
-    det = g11 * g22 - g12 * g12
-    # Nearly collinear controls (the quadratic part of c_2 is c_1 when p is narrow): keep c_1 only,
-    # or the coefficients blow up with opposite signs and c_2's gradient with them.
-    ok = det > MAX_CORRELATION_LOSS * g11 * g22
-    det = torch.where(ok, det, torch.ones_like(det))
-    both = torch.stack([g22 * r1 - g12 * r2, g11 * r2 - g12 * r1], -1) / det.unsqueeze(-1)
-    coef = torch.where(ok.unsqueeze(-1), both, torch.stack([alone, torch.zeros_like(alone)], -1))
+        coef = (r1 / g11.clamp_min(tiny)).unsqueeze(-1)
+    else:
+        # The ridge keeps the determinant >= (2 RIDGE) g11 g22 > 0: nearly collinear controls
+        # (the quadratic part of c_2 is c_1 when p is narrow) share a bounded coefficient
+        # instead of opposite huge ones, which would blow up c_2's gradient.
+        g12, g22, r2 = loo[..., 1, 1], loo[..., 2, 1] * (1 + RIDGE), loo[..., 0, 1]
+        det = (g11 * g22 - g12 * g12).clamp_min(tiny)
+        coef = torch.stack([g22 * r1 - g12 * r2, g11 * r2 - g12 * r1], -1) / det.unsqueeze(-1)
     return coef.expand(*units.shape[:-1], k)
 
 
