@@ -52,7 +52,7 @@ from torch.distributions import Distribution, MixtureSameFamily
 from distkl._checks import batch_shape_of, check_positive_int, check_same_event_shape
 from distkl._gaussian import GaussianMixture, as_gaussian_mixture, is_gaussian_family
 from distkl._rng import rng_scope
-from distkl.density import GaussianScorer
+from distkl.density import gaussian_scorer
 
 __all__ = ["pathwise_applies", "kl_pathwise", "PathwiseResult", "MIN_FIT_UNITS"]
 
@@ -300,7 +300,7 @@ def _component_log_prob(gq: GaussianMixture, x: Tensor) -> Tensor:
             std = (xs.unsqueeze(-2) - gq.loc) * inv  # (*sample, *batch, K, D)
             log_norm = inv.log().sum(-1) - 0.5 * d * _LOG_2PI
             return log_norm - 0.5 * std.square().sum(-1)
-    return GaussianScorer(gq, precise=True).component_log_prob(x)
+    return gaussian_scorer(gq, precise=True).component_log_prob(x)
 
 
 def _loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) -> Optional[Tensor]:
