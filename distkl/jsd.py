@@ -47,19 +47,18 @@ from torch.distributions import (
     OneHotCategorical,
 )
 
+from distkl._categorical import is_categorical_family, js_categorical_family
 from distkl._checks import (
-    batch_shape_of,
     check_same_event_shape,
     describe,
     unsupported,
 )
 from distkl._gaussian import is_gaussian_family
+from distkl._logspace import clamp_to_js_range, js_from_log_probs
 from distkl._options import get_options
-from distkl.functional import _clamp_range, js_from_log_probs
 from distkl.montecarlo import jsd_mc
 from distkl.quadrature import jsd_quadrature
 from distkl.registry import register_jsd
-from distkl.rules.categorical import categorical_log_probs, is_categorical_family
 
 __all__ = ["jsd_mc", "js_from_log_probs", "SUPPORTED"]
 
@@ -93,35 +92,13 @@ _NEG_INF = -math.inf
 
 
 def _quadrature(p: Distribution, q: Distribution, alpha: float, nodes: int) -> Tensor:
-    return _clamp_range(jsd_quadrature(p, q, skew=alpha, nodes=nodes), alpha)
+    return clamp_to_js_range(jsd_quadrature(p, q, skew=alpha, nodes=nodes), alpha)
 
 
 # --------------------------------------------------------------------------------------------
 # Registered rules.
 
 _MULTIVARIATE_TYPES = (Independent, MultivariateNormal, LowRankMultivariateNormal)
-
-
-@register_jsd(Categorical, Categorical, kind="exact")
-@register_jsd(OneHotCategorical, OneHotCategorical, kind="exact")
-@register_jsd(Categorical, OneHotCategorical, kind="exact")
-@register_jsd(OneHotCategorical, Categorical, kind="exact")
-def _jsd_categorical(p: Distribution, q: Distribution, alpha: float) -> Tensor:
-    r"""JS_alpha(p, q) in nats of two categoricals (indices or one-hot), exact.
-
-    .. math::
-        \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m),
-        \quad m = \alpha p + (1-\alpha) q
-
-    Computed by :func:`js_from_log_probs` from the parameter each was built with (zeros exact).
-
-    Source: Lin (1991), IEEE Trans. Inf. Theory 37(1), eq. (4.1).
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-    """
-    batch_shape_of(p, q)
-    return js_from_log_probs(categorical_log_probs(p), categorical_log_probs(q), skew=alpha)
 
 
 def _jsd_gaussian(p: Distribution, q: Distribution, alpha: float) -> Tensor:
@@ -187,7 +164,8 @@ def _jsd_mixture(p: Distribution, q: Distribution, alpha: float) -> Tensor:
 
     Mixtures of categoricals collapse to one categorical,
     :math:`\log p(k) = \operatorname{logsumexp}_j(\log w_j + \log p_j(k))`, and the JSD is
-    exact (:func:`_jsd_categorical`); Gaussian mixtures are estimated by the method in force
+    exact (:func:`distkl._categorical.js_categorical_family`); Gaussian mixtures are estimated
+    by the method in force
     (:func:`_jsd_gaussian`).
 
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1).
@@ -200,7 +178,7 @@ def _jsd_mixture(p: Distribution, q: Distribution, alpha: float) -> Tensor:
             listing :data:`SUPPORTED`.
     """
     if is_categorical_family(p) and is_categorical_family(q):
-        return _jsd_categorical(p, q, alpha)
+        return js_categorical_family(p, q, alpha)
     if is_gaussian_family(p) and is_gaussian_family(q):
         return _jsd_gaussian(p, q, alpha)
     for role, d in (("p", p), ("q", q)):
