@@ -32,7 +32,10 @@ __all__ = ["combine", "MAX_VARIANCE_REDUCTION"]
 #: Largest variance reduction the control variates may claim in one stratum (coefficients are
 #: shrunk beyond it).
 MAX_VARIANCE_REDUCTION = 1000.0
-#: Pseudo-samples at the far end of a bounded integrand's range (see :func:`_unseen`).
+#: Pseudo-samples at the far end of a bounded integrand's range (see :func:`_unseen`). Measured
+#: on N(0,1) vs N(m,s) JSD, 300 runs of 4000 samples: 0.1 still covers 0.89 at m = 7.5, 0.3
+#: covers 0.93-0.95 where the overlap is reached, 1.0 over-covers (0.97-1.0); 0.5 covers
+#: 0.93-0.98.
 PSEUDO_WEIGHT = 0.5
 
 
@@ -132,8 +135,8 @@ def _unseen(folds: _Folds, value_range: tuple[float, float]) -> Tensor:
     r"""Variance of a pseudo-sample at the far end of ``f``'s range, per stratum mean.
 
     A bounded ``f`` can take a rare value the sample never saw (near-disjoint JSD: almost every
-    point has $\pi \approx 1$). Adding ``PSEUDO_WEIGHT`` pseudo-samples at the endpoint farthest
-    from the stratum mean, $\Delta = \max(\bar f - a, b - \bar f)$, adds
+    point has $\pi \approx 1$). Adding ``PSEUDO_WEIGHT`` (1/2) pseudo-samples at the endpoint
+    farthest from the stratum mean, $\Delta = \max(\bar f - a, b - \bar f)$, adds
     $c \Delta^2 / (n_k (n_k - 1))$ to the variance of the stratum mean: negligible once the
     sample variance exceeds $\Delta^2 / n_k$, a floor of about $\Delta / n_k$ on the standard
     error when every point looks alike.
