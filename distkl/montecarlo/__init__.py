@@ -52,7 +52,12 @@ from distkl._options import get_options, samples_per_pair
 from distkl._pathwise import kl_pathwise, pathwise_applies
 from distkl.montecarlo._engine import run
 from distkl.montecarlo._estimate import Estimate
-from distkl.montecarlo._integrand import KLIntegrand, bounded_terms, equal_parameters, log_density
+from distkl.montecarlo._integrand import (
+    KLIntegrand,
+    bounded_terms,
+    log_density,
+    same_distribution,
+)
 from distkl.montecarlo._samplers import Draw, make_sampler
 
 __all__ = ["Estimate", "expectation", "kl_mc", "jsd_mc"]
@@ -223,7 +228,7 @@ def kl_mc(
         out_batch=batch,
         row_elements=integrand.row_elements(),
     )
-    equal = equal_parameters(p, q, batch, sampler, integrand.gq)
+    equal = same_distribution(p, q, batch, est.value.device)
     if equal is not None:
         zero = torch.zeros_like(est.value)
         est = Estimate(torch.where(equal, zero, est.value), torch.where(equal, zero, est.stderr), n)
@@ -327,7 +332,10 @@ def jsd_mc(
         for d, f, bound in ((p, u, -math.log(alpha)), (q, v, -math.log1p(-alpha)))
     )
     value = alpha * e_p.value + (1.0 - alpha) * e_q.value
-    var = alpha**2 * e_p.stderr.square() + (1.0 - alpha) ** 2 * e_q.stderr.square()
+    stderr = (alpha**2 * e_p.stderr.square() + (1.0 - alpha) ** 2 * e_q.stderr.square()).sqrt()
+    same = same_distribution(p, q, batch_shape, value.device)
+    if same is not None:  # every term is exactly 0: no unseen value to allow for
+        stderr = torch.where(same, torch.zeros_like(stderr), stderr)
     # The value is a convex combination of terms in [0, H(alpha)]: the clamp only removes
     # rounding excursions.
-    return Estimate(clamp_to_js_range(value, alpha), var.sqrt(), e_p.num_samples + e_q.num_samples)
+    return Estimate(clamp_to_js_range(value, alpha), stderr, e_p.num_samples + e_q.num_samples)

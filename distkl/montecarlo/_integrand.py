@@ -26,7 +26,7 @@ from distkl._logspace import log_ratio_to_mix
 from distkl.density import gaussian_scorer, logsumexp_last
 from distkl.montecarlo._samplers import Draw, GaussianSampler, Sampler
 
-__all__ = ["KLIntegrand", "bounded_terms", "log_density", "MATCHES"]
+__all__ = ["KLIntegrand", "same_distribution", "bounded_terms", "log_density", "MATCHES"]
 
 #: Components of q used as controls for each component of p (the best-matching ones).
 MATCHES = 3
@@ -99,19 +99,19 @@ def best_matches(
     return j, e.gather(-1, j)
 
 
-def equal_parameters(
-    p: Distribution,
-    q: Distribution,
-    batch: torch.Size,
-    sampler: Sampler,
-    gq: Optional[GaussianMixture],
+def same_distribution(
+    p: Distribution, q: Distribution, batch: torch.Size, device: torch.device
 ) -> Optional[Tensor]:
-    """Boolean ``batch`` mask of elements where p and q are the same distribution, or None."""
+    """Boolean ``batch`` mask of elements where p and q are the same distribution, or None.
+
+    The same object, or Gaussian families with equal parameters component by component.
+    """
     if p is q:
-        return torch.ones(batch, dtype=torch.bool, device=sampler.device)
-    if gq is None or not isinstance(sampler, GaussianSampler):
+        return torch.ones(batch, dtype=torch.bool, device=device)
+    if not (is_gaussian_family(p) and is_gaussian_family(q)):
         return None
-    return same_parameters(sampler.gm, gq).expand(batch)
+    gp, gq = as_gaussian_mixture(p, role="p"), as_gaussian_mixture(q, role="q")
+    return same_parameters(gp, gq).expand(batch)
 
 
 # --------------------------------------------------------------------------------------------
