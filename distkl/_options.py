@@ -25,9 +25,11 @@ import torch
 
 from distkl._checks import check_choice, check_positive_int
 
-__all__ = ["Options", "options", "get_options", "METHODS"]
+__all__ = ["Options", "options", "get_options", "METHODS", "SAMPLE_BUDGET", "samples_per_pair"]
 
 METHODS = ("auto", "mc", "quadrature", "variational", "unscented")
+#: Monte Carlo samples per call when ``num_samples`` is not set, shared by the pairs of the batch.
+SAMPLE_BUDGET = 4096
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,10 @@ class Options:
             ``"variational"``: Hershey & Olsen (2007) variational approximation (deterministic,
             biased). ``"unscented"``: unscented transform, 2D+1 sigma points per component
             (deterministic, biased).
-        num_samples: Monte Carlo samples per estimate (default 4096).
+        num_samples: Monte Carlo samples per pair (per batch element). Default ``None``: a budget
+            of ``SAMPLE_BUDGET`` (4096) samples per call shared by the batch, at least one per
+            pair (see :func:`samples_per_pair`): one pair alone gets 4096 samples, a training
+            batch of 128 gets 32 each, so a default call inside a training loop stays cheap.
         generator: a :class:`torch.Generator` making Monte Carlo reproducible (default: torch's
             global generator).
         chunk_size: samples drawn and reduced at a time (default: chosen from a memory budget).
@@ -51,14 +56,15 @@ class Options:
     """
 
     method: str = "auto"
-    num_samples: int = 4096
+    num_samples: Optional[int] = None
     generator: Optional[torch.Generator] = None
     chunk_size: Optional[int] = None
     quadrature_nodes: int = 128
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
-        check_positive_int("num_samples", self.num_samples)
+        if self.num_samples is not None:
+            check_positive_int("num_samples", self.num_samples)
         check_positive_int("quadrature_nodes", self.quadrature_nodes)
         if self.chunk_size is not None:
             check_positive_int("chunk_size", self.chunk_size)
@@ -66,6 +72,21 @@ class Options:
             raise TypeError(
                 f"generator must be a torch.Generator or None, got {type(self.generator).__name__}."
             )
+
+
+def samples_per_pair(num_samples: Optional[int], num_pairs: int) -> int:
+    """Samples per pair: ``num_samples`` if set, else the per-call budget shared by the batch.
+
+    Args:
+        num_samples: the explicit count per pair, or ``None`` for the default budget.
+        num_pairs: pairs in the call (the broadcast batch's number of elements).
+
+    Returns:
+        ``num_samples``, or ``max(1, ceil(SAMPLE_BUDGET / num_pairs))``.
+    """
+    if num_samples is not None:
+        return num_samples
+    return max(1, -(-SAMPLE_BUDGET // max(1, num_pairs)))
 
 
 _CURRENT: contextvars.ContextVar[Options] = contextvars.ContextVar(
@@ -112,7 +133,7 @@ class options:
 
     Args:
         method: ``"auto"``, ``"mc"``, ``"quadrature"``, ``"variational"`` or ``"unscented"``.
-        num_samples: Monte Carlo samples per estimate.
+        num_samples: Monte Carlo samples per pair (default: 4096 per call, shared by the batch).
         generator: `torch.Generator` for reproducible Monte Carlo, or None for torch's global one.
         chunk_size: samples drawn and reduced at a time, or None to choose from a memory budget.
         quadrature_nodes: quadrature nodes per component.

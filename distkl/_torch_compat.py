@@ -29,6 +29,7 @@ __all__ = [
     "clear_kl_cache",
     "default_validate_args",
     "exact_log_probs",
+    "kl_memo",
     "kl_table",
     "lowrank_factors",
     "scale_tril",
@@ -97,3 +98,11 @@ def exact_log_probs(d: Categorical) -> Tensor:
     keep = (probs > 0) | probs.isnan()
     log = torch.where(keep, probs, torch.ones_like(probs)).log()
     return torch.where(keep, log, torch.full_like(probs, -torch.inf))
+
+
+def kl_memo() -> dict[Pair, Callable[..., Tensor]]:
+    """torch's live dispatch memo (``torch.distributions.kl._KL_MEMOIZE``), the dict itself.
+
+    For code that must restore it exactly (``distkl.registry.preserved_registries``).
+    """
+    return _torch_kl._KL_MEMOIZE

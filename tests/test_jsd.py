@@ -704,7 +704,7 @@ def test_jsd_mc_uses_options_defaults():
     assert a.num_samples == 64 and torch.equal(a.value, b.value)
 
 
-@pytest.mark.parametrize("bad", [0, 1, -4, 2.5, True, "8"])
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True, "8"])
 def test_jsd_mc_bad_num_samples(bad):
     with pytest.raises(ValueError, match="num_samples"):
         jsd_mc(Normal(0.0, 1.0), Normal(1.0, 1.0), num_samples=bad)

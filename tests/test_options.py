@@ -15,7 +15,7 @@ def test_defaults():
     opts = get_options()
     assert opts == Options()
     assert opts.method == "auto"
-    assert opts.num_samples == 4096
+    assert opts.num_samples is None  # a per-call budget: distkl._options.samples_per_pair
     assert opts.generator is None
 
 

@@ -82,3 +82,11 @@ def test_default_validate_args_follows_set_default_validate_args() -> None:
         assert compat.default_validate_args() is True
     finally:
         Distribution.set_default_validate_args(before)
+
+
+def test_kl_memo_is_torchs_live_memo() -> None:
+    compat.clear_kl_cache()
+    kl_divergence(Normal(0.0, 1.0), Normal(1.0, 1.0))
+    memo = compat.kl_memo()
+    assert memo is torch.distributions.kl._KL_MEMOIZE
+    assert memo[Normal, Normal] is torch.distributions.kl._kl_normal_normal
