@@ -16,6 +16,7 @@ The user surface on raw logits/probabilities is `distkl.functional`; the categor
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -51,8 +52,10 @@ def binary_entropy(alpha: float) -> float:
     return -(alpha * math.log(alpha) + (1.0 - alpha) * math.log1p(-alpha))
 
 
+@functools.lru_cache(maxsize=256)
 def _largest_at_most(value: float, dtype: torch.dtype) -> float:
-    """The largest number representable in ``dtype`` that is ``<= value``."""
+    """The largest number representable in ``dtype`` that is ``<= value`` (cached: no tensor work
+    per call)."""
     t = torch.tensor(value, dtype=dtype)
     if t.item() > value:
         t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))

@@ -133,7 +133,8 @@ class options:
 
     Args:
         method: ``"auto"``, ``"mc"``, ``"quadrature"``, ``"variational"`` or ``"unscented"``.
-        num_samples: Monte Carlo samples per pair (default: 4096 per call, shared by the batch).
+        num_samples: Monte Carlo samples per pair, or None for a budget of 4096 per call shared
+            by the batch.
         generator: `torch.Generator` for reproducible Monte Carlo, or None for torch's global one.
         chunk_size: samples drawn and reduced at a time, or None to choose from a memory budget.
         quadrature_nodes: quadrature nodes per component.
@@ -160,7 +161,7 @@ class options:
         self,
         *,
         method: str | _Unset = _UNSET,
-        num_samples: int | _Unset = _UNSET,
+        num_samples: Optional[int] | _Unset = _UNSET,
         generator: Optional[torch.Generator] | _Unset = _UNSET,
         chunk_size: Optional[int] | _Unset = _UNSET,
         quadrature_nodes: int | _Unset = _UNSET,
