@@ -162,14 +162,18 @@ def test_missing_pair_still_raises_torchs_error():
         kl_divergence(_Other(validate_args=False), _Unknown(logits=torch.zeros(3)))
 
 
-def test_pyro_answers_unchanged():
-    """Importing distkl next to Pyro changes none of Pyro's KL answers or registrations."""
+def test_pyro_first_then_distkl():
+    """Importing distkl after Pyro changes none of Pyro's KL answers or registrations, and
+    distkl skips the pair Pyro registered itself, (Independent, MultivariateNormal), quietly."""
     _skip_without_pyro()
     out = _run(
         """
+        import warnings
+        warnings.simplefilter("error")
         import torch
         import pyro.distributions as dist
-        from torch.distributions import kl
+        import pyro.distributions.kl as pyro_kl
+        from torch.distributions import Independent, MultivariateNormal, kl
         pairs = [
             (dist.Normal(0.3, 1.2), dist.Normal(-0.1, 0.7)),
             (dist.Normal(torch.zeros(3), 1.0).to_event(1),
@@ -183,13 +187,15 @@ def test_pyro_answers_unchanged():
         before_table = dict(kl._KL_REGISTRY)
         before = [kl.kl_divergence(p, q) for p, q in pairs]
         import distkl
+        from distkl.registry import skipped_kl_rules
         after = [kl.kl_divergence(p, q) for p, q in pairs]
         same_values = all(torch.equal(a, b) for a, b in zip(before, after))
         same_table = all(kl._KL_REGISTRY[k] is f for k, f in before_table.items())
-        print(same_values, same_table)
+        kept = kl._KL_REGISTRY[Independent, MultivariateNormal] is pyro_kl._kl_independent_mvn
+        print(same_values, same_table, kept, [r.name for r in skipped_kl_rules()])
         """
     )
-    assert out.split() == ["True", "True"]
+    assert out.split() == ["True", "True", "True", "['Independent-MultivariateNormal']"]
 
 
 def test_pyro_after_distkl_is_what_the_listing_names():
@@ -221,24 +227,6 @@ def test_pyro_after_distkl_is_what_the_listing_names():
     first, second = out.splitlines()
     assert first == "True True False [('Independent-MultivariateNormal', True)]"
     assert "pyro" in second and "distkl.rules.normal" not in second
-
-
-def test_pyro_first_then_distkl_keeps_pyros_rule():
-    """Pyro registers (Independent, MultivariateNormal) itself: distkl skips that pair, quietly."""
-    _skip_without_pyro()
-    out = _run(
-        """
-        import warnings
-        warnings.simplefilter("error")
-        import pyro.distributions.kl as pyro_kl
-        from torch.distributions import Independent, MultivariateNormal, kl
-        import distkl
-        from distkl.registry import skipped_kl_rules
-        kept = kl._KL_REGISTRY[Independent, MultivariateNormal] is pyro_kl._kl_independent_mvn
-        print(kept, [r.name for r in skipped_kl_rules()])
-        """
-    )
-    assert out.split() == ["True", "['Independent-MultivariateNormal']"]
 
 
 def test_on_conflict_must_be_valid():
