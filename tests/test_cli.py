@@ -139,24 +139,34 @@ def test_verify_strict_fails_on_gaps(capsys, monkeypatch):
     assert status == 1 and "error: KL rule" in out
 
 
-def test_verify_plot(capsys, tmp_path):
+def test_verify_plot(capsys, tmp_path, monkeypatch):
+    """One panel per pair (both rows of the table here), each with every dtype checked."""
     pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    panels: list[list[tuple[str, str]]] = []
+    draw = plot._panel
+
+    def recording(ax, rows, zstar):
+        panels.append([(r.pair, r.dtype) for r in rows])
+        draw(ax, rows, zstar)
+
+    monkeypatch.setattr(plot, "_panel", recording)
     path = tmp_path / "verify.png"
-    status, out, _ = run(
-        capsys,
+    argv = [
         "verify",
         "--quick",
         "--device",
         "cpu",
-        "--dtype",
-        "float64",
+        "--kind",
+        "kl",
         "--only",
-        ROW,
-        "--no-progress",
+        "MixtureSameFamily(Normal)-",
         "--plot",
-        str(path),
-    )
+    ]
+    status, out, _ = run(capsys, *argv, str(path), "--no-progress", "--num-samples", "512")
     assert status == 0, out
+    rows = {ex.id for ex in distkl.examples.EXAMPLES if "MixtureSameFamily(Normal)-" in ex.id}
+    assert {p[0][0] for p in panels} == rows and len(panels) == len(rows)
+    assert all(sorted(d for _, d in p) == ["float32", "float64"] for p in panels)
     assert path.stat().st_size > 10_000
 
 
