@@ -13,7 +13,12 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.distributions import Categorical, LowRankMultivariateNormal, MultivariateNormal
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+)
 from torch.distributions import kl as _torch_kl
 from torch.distributions.multivariate_normal import _batch_mahalanobis
 
@@ -22,6 +27,7 @@ __all__ = [
     "built_from_probs",
     "capacitance_tril",
     "clear_kl_cache",
+    "default_validate_args",
     "exact_log_probs",
     "kl_memo",
     "kl_table",
@@ -72,6 +78,11 @@ def built_from_probs(d: Categorical) -> bool:
     dict when it was given (a lazily computed ``probs`` is cached there only after first use).
     """
     return d._param is d.__dict__.get("probs")
+
+
+def default_validate_args() -> bool:
+    """torch's default for ``validate_args=None`` (``Distribution.set_default_validate_args``)."""
+    return bool(Distribution._validate_args)
 
 
 def exact_log_probs(d: Categorical) -> Tensor:

@@ -31,10 +31,11 @@ __all__ = ["main", "build_parser"]
 
 def _method_in_force() -> str:
     opts = get_options()
+    n = "4096 samples per call" if opts.num_samples is None else f"{opts.num_samples} samples"
     if opts.method == "auto":
-        return f"auto: quadrature for 1-D events, mc ({opts.num_samples} samples) otherwise"
+        return f"auto: quadrature for 1-D events, mc ({n}) otherwise"
     if opts.method == "mc":
-        return f"mc ({opts.num_samples} samples)"
+        return f"mc ({n})"
     if opts.method == "quadrature":
         return f"quadrature ({opts.quadrature_nodes} nodes per component)"
     return opts.method

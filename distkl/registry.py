@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -486,6 +485,3 @@ def js_divergence(p: Distribution, q: Distribution, *, skew: float = 0.5) -> Ten
     return fn(p, q, alpha)
 
 
-def binary_entropy(alpha: float) -> float:
-    """Binary entropy -a log(a) - (1 - a) log(1 - a) of a = alpha, in nats: JS_alpha's bound."""
-    return -(alpha * math.log(alpha) + (1.0 - alpha) * math.log1p(-alpha))

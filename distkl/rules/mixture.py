@@ -133,7 +133,7 @@ def _kl_mixture_mixture(p: MixtureSameFamily, q: MixtureSameFamily) -> Tensor:
         Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
     """
     if _is_categorical_mixture(p) and _is_categorical_mixture(q):
-        from distkl.rules.categorical import kl_categorical_mixture_pair
+        from distkl._categorical import kl_categorical_mixture_pair
 
         return kl_categorical_mixture_pair(p, q)
     supported = [*_GAUSSIAN, *_CATEGORICAL]
