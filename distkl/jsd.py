@@ -24,7 +24,8 @@ Registered rules (``register_jsd``; dispatch by type, most specific match):
   (:func:`jsd_mc` with the options' ``num_samples`` and ``generator``) otherwise;
   ``"quadrature"`` forces quadrature (1-D events only, ``ValueError`` otherwise); ``"mc"`` forces
   Monte Carlo. ``"variational"`` and ``"unscented"`` are KL approximations with no JSD
-  counterpart: under them JSD rules behave as under ``"auto"``.
+  counterpart: under them the Gaussian JSD rules raise ``ValueError``. These rules live in
+  :mod:`distkl.rules.mixture`.
 
 ``(MixtureSameFamily, X)`` rules receive every mixture and dispatch on the component family;
 others raise ``NotImplementedError`` listing the supported families.
@@ -34,30 +35,22 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 from torch.distributions import (
     Categorical,
     Distribution,
-    Independent,
-    LowRankMultivariateNormal,
     MixtureSameFamily,
-    MultivariateNormal,
-    Normal,
     OneHotCategorical,
 )
 
 from distkl._checks import (
     batch_shape_of,
-    check_same_event_shape,
     describe,
     unsupported,
 )
 from distkl._gaussian import is_gaussian_family
-from distkl._options import get_options
-from distkl.functional import _clamp_range, js_from_log_probs
+from distkl.functional import js_from_log_probs
 from distkl.montecarlo import jsd_mc
-from distkl.quadrature import jsd_quadrature
 from distkl.registry import register_jsd
 from distkl.rules.categorical import categorical_log_probs, is_categorical_family
 
@@ -89,17 +82,7 @@ _NEG_INF = -math.inf
 
 
 # --------------------------------------------------------------------------------------------
-# Quadrature for 1-D events: distkl.quadrature.jsd_quadrature (composite Gauss-Legendre).
-
-
-def _quadrature(p: Distribution, q: Distribution, alpha: float, nodes: int) -> Tensor:
-    return _clamp_range(jsd_quadrature(p, q, skew=alpha, nodes=nodes), alpha)
-
-
-# --------------------------------------------------------------------------------------------
 # Registered rules.
-
-_MULTIVARIATE_TYPES = (Independent, MultivariateNormal, LowRankMultivariateNormal)
 
 
 @register_jsd(Categorical, Categorical, kind="exact")
@@ -124,71 +107,17 @@ def _jsd_categorical(p: Distribution, q: Distribution, alpha: float) -> Tensor:
     return js_from_log_probs(categorical_log_probs(p), categorical_log_probs(q), skew=alpha)
 
 
-def _jsd_gaussian(p: Distribution, q: Distribution, alpha: float) -> Tensor:
-    r"""JS_alpha(p, q) in nats of Normal-family distributions or Gaussian mixtures: an estimate.
-
-    No closed form exists (not even for two Normals). By the method in force
-    (:func:`distkl.options`): composite Gauss-Legendre quadrature with about
-    ``quadrature_nodes`` nodes per component for 1-D events under ``"auto"``/``"quadrature"``
-    (``"variational"`` and ``"unscented"``, which have no JSD counterpart, act as ``"auto"``),
-    Monte Carlo
-    (:func:`jsd_mc`) otherwise.
-
-    Source: Lin (1991), IEEE Trans. Inf. Theory 37(1).
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``, in
-        :math:`[0, H(\alpha)]`.
-
-    Raises:
-        NotImplementedError: for a family other than the Normal ones (e.g. ``Independent`` of
-            a non-Normal), listing :data:`SUPPORTED`.
-        ValueError: different event shapes; ``method="quadrature"`` with a non-scalar event.
-    """
-    for role, d in (("p", p), ("q", q)):
-        if not is_gaussian_family(d):
-            raise unsupported(f"JSD with {role}", d, SUPPORTED)
-    check_same_event_shape(p, q)
-    opts = get_options()
-    one_d = p.event_shape == torch.Size()
-    if opts.method == "quadrature" and not one_d:
-        raise ValueError(
-            "method='quadrature' needs 1-D events (event shape ()), got event shape "
-            f"{tuple(p.event_shape)}; use method='auto' or 'mc'."
-        )
-    if one_d and opts.method != "mc":
-        return _quadrature(p, q, alpha, opts.quadrature_nodes)
-    return jsd_mc(p, q, skew=alpha, num_samples=opts.num_samples, generator=opts.generator).value
-
-
-# Only type pairs whose event shapes can agree: Normal (event ()) pairs with Normal alone.
-register_jsd(Normal, Normal, kind="estimate")(_jsd_gaussian)
-for _tp in _MULTIVARIATE_TYPES:
-    for _tq in _MULTIVARIATE_TYPES:
-        register_jsd(_tp, _tq, kind="estimate")(_jsd_gaussian)
-del _tp, _tq
-
-
 @register_jsd(MixtureSameFamily, Categorical, kind="exact")
 @register_jsd(Categorical, MixtureSameFamily, kind="exact")
 @register_jsd(MixtureSameFamily, OneHotCategorical, kind="exact")
 @register_jsd(OneHotCategorical, MixtureSameFamily, kind="exact")
-@register_jsd(MixtureSameFamily, MixtureSameFamily, kind="estimate")
-@register_jsd(MixtureSameFamily, Normal, kind="estimate")
-@register_jsd(Normal, MixtureSameFamily, kind="estimate")
-@register_jsd(MixtureSameFamily, Independent, kind="estimate")
-@register_jsd(Independent, MixtureSameFamily, kind="estimate")
-@register_jsd(MixtureSameFamily, MultivariateNormal, kind="estimate")
-@register_jsd(MultivariateNormal, MixtureSameFamily, kind="estimate")
-@register_jsd(MixtureSameFamily, LowRankMultivariateNormal, kind="estimate")
-@register_jsd(LowRankMultivariateNormal, MixtureSameFamily, kind="estimate")
 def _jsd_mixture(p: Distribution, q: Distribution, alpha: float) -> Tensor:
-    r"""JS_alpha(p, q) in nats where p or q is a ``MixtureSameFamily``: dispatch on the components.
+    r"""JS_alpha(p, q) in nats of a ``MixtureSameFamily`` and a categorical: exact.
 
     Mixtures of categoricals collapse to one categorical,
     :math:`\log p(k) = \operatorname{logsumexp}_j(\log w_j + \log p_j(k))`, and the JSD is
-    exact (:func:`_jsd_categorical`); Gaussian mixtures are estimated by the method in force
-    (:func:`_jsd_gaussian`).
+    exact (:func:`_jsd_categorical`). Gaussian families and mixtures of them: see
+    :mod:`distkl.rules.mixture`.
 
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1).
 
@@ -201,8 +130,6 @@ def _jsd_mixture(p: Distribution, q: Distribution, alpha: float) -> Tensor:
     """
     if is_categorical_family(p) and is_categorical_family(q):
         return _jsd_categorical(p, q, alpha)
-    if is_gaussian_family(p) and is_gaussian_family(q):
-        return _jsd_gaussian(p, q, alpha)
     for role, d in (("p", p), ("q", q)):
         if not (is_categorical_family(d) or is_gaussian_family(d)):
             raise unsupported(f"JSD with {role}", d, SUPPORTED)
