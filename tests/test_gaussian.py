@@ -36,8 +36,7 @@ from distkl._gaussian import (
 from distkl.approx import kl_unscented, kl_variational
 from distkl.bounds import kl_bounds
 from distkl.examples import random_spd
-from distkl.jsd import jsd_mc
-from distkl.montecarlo import kl_mc
+from distkl.montecarlo import jsd_mc, kl_mc
 from distkl.quadrature import jsd_quadrature, kl_quadrature
 from distkl.registry import js_divergence
 from tests.conftest import F64
