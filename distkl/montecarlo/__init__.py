@@ -42,8 +42,9 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from distkl._checks import batch_shape_of, check_same_event_shape, check_skew
-from distkl._options import get_options
-from distkl.functional import _clamp_range
+from distkl._logspace import clamp_to_js_range
+from distkl._options import get_options, samples_per_pair
+from distkl._pathwise import kl_pathwise, pathwise_applies
 from distkl.montecarlo._engine import run
 from distkl.montecarlo._estimate import Estimate
 from distkl.montecarlo._integrand import KLIntegrand, bounded_terms, equal_parameters, log_density
@@ -129,6 +130,7 @@ def kl_mc(
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
     control_variates: bool = True,
+    samples: Optional[Tensor] = None,
 ) -> Estimate:
     r"""Monte Carlo estimate of KL(p || q) in nats, unbiased, with an honest standard error.
 
@@ -162,10 +164,16 @@ def kl_mc(
         chunk_size: samples drawn and reduced at a time (default: the options' value, else
             from a memory budget).
         control_variates: use the regression control variates (default ``True``).
+        samples: shared samples ``z = p.rsample()`` or ``p.rsample((n,))`` already drawn by the
+            caller (e.g. for a VAE's reconstruction term): the estimate at those samples, with
+            the pathwise gradient through them and no second sampling pass. p must be one
+            Normal-family distribution. One Normal-family p without ``samples`` takes the same
+            estimator (:mod:`distkl._pathwise`) with fresh samples, at any ``num_samples >= 1``.
 
     Returns:
         :class:`Estimate`: ``value`` and ``stderr`` of shape
-        ``broadcast_shapes(p.batch_shape, q.batch_shape)``, and ``num_samples``.
+        ``broadcast_shapes(p.batch_shape, q.batch_shape)``, and ``num_samples``. The stderr is
+        NaN where it cannot be estimated (one sample, or one antithetic pair, per pair).
 
     Raises:
         ValueError: when the event shapes differ, batch shapes do not broadcast, or
@@ -173,9 +181,19 @@ def kl_mc(
         TypeError: when ``generator`` is not a :class:`torch.Generator`.
     """
     opts = get_options()
-    n = opts.num_samples if num_samples is None else num_samples
     check_same_event_shape(p, q)
     batch = batch_shape_of(p, q)
+    n = samples_per_pair(opts.num_samples if num_samples is None else num_samples, batch.numel())
+    if samples is not None or pathwise_applies(p, q, n):  # one Gaussian p: distkl._pathwise
+        r = kl_pathwise(
+            p,
+            q,
+            num_samples=n,
+            samples=samples,
+            control_variates=control_variates,
+            generator=opts.generator if generator is None else generator,
+        )
+        return Estimate(r.value, r.stderr, r.num_samples)
     sampler = make_sampler(p)
     integrand = KLIntegrand(p, q, sampler, batch)
     est = run(
@@ -259,10 +277,11 @@ def jsd_mc(
     """
     alpha = check_skew(skew)
     opts = get_options()
-    n = opts.num_samples if num_samples is None else num_samples
     gen = opts.generator if generator is None else generator
     check_same_event_shape(p, q)
     batch_shape = batch_shape_of(p, q)
+    n = opts.num_samples if num_samples is None else num_samples
+    n = samples_per_pair(n, batch_shape.numel())
     log_p, log_q = log_density(p), log_density(q)
 
     def u(x: Tensor) -> Tensor:
@@ -287,4 +306,4 @@ def jsd_mc(
     var = alpha**2 * e_p.stderr.square() + (1.0 - alpha) ** 2 * e_q.stderr.square()
     # The value is a convex combination of terms in [0, H(alpha)]: the clamp only removes
     # rounding excursions.
-    return Estimate(_clamp_range(value, alpha), var.sqrt(), e_p.num_samples + e_q.num_samples)
+    return Estimate(clamp_to_js_range(value, alpha), var.sqrt(), e_p.num_samples + e_q.num_samples)

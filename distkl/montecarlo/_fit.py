@@ -17,6 +17,7 @@ Econometrics J. 21(1).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +65,9 @@ def _plain(folds: _Folds) -> tuple[Tensor, Tensor]:
     delta = mean_f[:, 1].detach() - mean_f[:, 0].detach()
     m2_f = folds.m2[:, 0, :, 0, 0] + folds.m2[:, 1, :, 0, 0] + delta.square() * n_a * n_b / n_k
     mean = (n_a * mean_f[:, 0] + n_b * mean_f[:, 1]) / n_k
-    return mean, m2_f / (n_k - 1).clamp_min(1) / n_k
+    var = m2_f / (n_k - 1).clamp_min(1) / n_k
+    # One sample says nothing about the spread: NaN, never a made-up 0.
+    return mean, torch.where(n_a + n_b == 1, torch.full_like(var, math.nan), var)
 
 
 def _coefficients(cov: Tensor, fold_n: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from distkl._gaussian import GaussianMixture, as_gaussian_mixture, is_gaussian_family
+from distkl._logspace import log_ratio_to_mix
 from distkl.density import gaussian_scorer, logsumexp_last
-from distkl.functional import _log_ratio_to_mix
 from distkl.montecarlo._samplers import Draw, GaussianSampler, Sampler
 
 __all__ = ["KLIntegrand", "bounded_terms", "log_density", "MATCHES"]
@@ -176,7 +176,7 @@ def bounded_terms(log_p: Tensor, log_q: Tensor, alpha: float) -> tuple[Tensor, T
     # outside one support) would give 0 * inf.
     delta = (log_p - log_q).clamp(-1e4, 1e4)
     pi = torch.sigmoid(math.log(alpha) - math.log1p(-alpha) + delta)
-    kl = pi * _log_ratio_to_mix(-delta, 1.0 - alpha) + (1.0 - pi) * _log_ratio_to_mix(delta, alpha)
+    kl = pi * log_ratio_to_mix(-delta, 1.0 - alpha) + (1.0 - pi) * log_ratio_to_mix(delta, alpha)
     cross = -(pi * math.log(alpha) + (1.0 - pi) * math.log1p(-alpha))  # L(pi) >= kl(pi || alpha)
     rho = (kl / cross).clamp(0.0, 1.0)
     return -math.log(alpha) * rho, -math.log1p(-alpha) * rho

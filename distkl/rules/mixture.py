@@ -22,7 +22,9 @@ and MixtureSameFamily against Normal, Independent, MultivariateNormal and
 LowRankMultivariateNormal. JSD pairs: the same, plus every pair of single Normal-family
 distributions whose event shapes can agree. Components may be Normal, Independent(Normal, 1),
 MultivariateNormal or LowRankMultivariateNormal (or subclasses). Two mixtures of Categorical /
-OneHotCategorical components are exact and handed to :mod:`distkl.rules.categorical`.
+OneHotCategorical components, and a categorical mixture against a categorical, are exact and
+handed to `distkl._categorical`. The mixture-vs-mixture rules' kind is decided per call
+(`registry.PerCallKind`): exact for categorical components, an estimate otherwise.
 """
 
 from __future__ import annotations
@@ -41,24 +43,37 @@ from torch.distributions import (
     OneHotCategorical,
 )
 
+from distkl._categorical import (
+    is_categorical_family,
+    js_categorical_family,
+    kl_categorical_mixture_pair,
+)
 from distkl._checks import batch_shape_of, check_same_event_shape, describe, unsupported
 from distkl._gaussian import SUPPORTED_COMPONENTS, is_gaussian_family
 from distkl._options import Options, get_options
 from distkl.approx import kl_unscented, kl_variational
-from distkl.functional import js_from_log_probs
 from distkl.montecarlo import jsd_mc, kl_mc
 from distkl.quadrature import jsd_quadrature, kl_quadrature
-from distkl.registry import register_jsd, register_kl
-from distkl.rules.categorical import (
-    categorical_log_probs,
-    is_categorical_family,
-    kl_categorical_mixture_pair,
-)
+from distkl.registry import PerCallKind, register_jsd, register_kl
 
 __all__: list[str] = []
 
 _GAUSSIAN = [*SUPPORTED_COMPONENTS, *(f"MixtureSameFamily({c})" for c in SUPPORTED_COMPONENTS)]
 _CATEGORICAL = ["MixtureSameFamily(Categorical)", "MixtureSameFamily(OneHotCategorical)"]
+
+#: Families with a JSD rule, as named in error messages.
+JSD_SUPPORTED = (
+    "Categorical",
+    "OneHotCategorical",
+    "MixtureSameFamily(Categorical)",
+    "MixtureSameFamily(OneHotCategorical)",
+    "Normal",
+    "Independent(Normal, 1)",
+    "MultivariateNormal",
+    "LowRankMultivariateNormal",
+    "MixtureSameFamily(Normal | Independent(Normal, 1) | MultivariateNormal | "
+    "LowRankMultivariateNormal)",
+)
 _MULTIVARIATE_TYPES = (Independent, MultivariateNormal, LowRankMultivariateNormal)
 
 
@@ -143,7 +158,8 @@ def resolve_method(method: str, p: Distribution, divergence: str) -> Method:
 def _check_gaussian_pair(p: Distribution, q: Distribution, what: str) -> None:
     for role, d in (("p", p), ("q", q)):
         if not is_gaussian_family(d):
-            raise unsupported(f"{what} with {role}" if what != "KL" else role, d, _GAUSSIAN)
+            supported = _GAUSSIAN if what == "KL" else JSD_SUPPORTED
+            raise unsupported(f"{what} with {role}" if what != "KL" else role, d, supported)
     check_same_event_shape(p, q)
     batch_shape_of(p, q)
 
@@ -184,7 +200,17 @@ def _is_categorical_mixture(d: Distribution) -> bool:
     )
 
 
-@register_kl(MixtureSameFamily, MixtureSameFamily, kind="estimate", on_conflict="skip")
+def _mixture_pair_kind(p: Distribution, q: Distribution) -> str:
+    """Exact (closed form) for two categorical mixtures, else an estimate by the method in force."""
+    return "exact" if _is_categorical_mixture(p) and _is_categorical_mixture(q) else "estimate"
+
+
+_MIXTURE_KIND = PerCallKind(
+    _mixture_pair_kind, "exact for categorical components, estimate otherwise"
+)
+
+
+@register_kl(MixtureSameFamily, MixtureSameFamily, kind=_MIXTURE_KIND, on_conflict="skip")
 def _kl_mixture_mixture(p: MixtureSameFamily, q: MixtureSameFamily) -> Tensor:
     r"""KL(p || q) in nats between two mixtures: an estimate by the method in force.
 
@@ -267,7 +293,11 @@ for _tp in _MULTIVARIATE_TYPES:
 del _tp, _tq
 
 
-@register_jsd(MixtureSameFamily, MixtureSameFamily, kind="estimate")
+@register_jsd(MixtureSameFamily, Categorical, kind="exact")
+@register_jsd(Categorical, MixtureSameFamily, kind="exact")
+@register_jsd(MixtureSameFamily, OneHotCategorical, kind="exact")
+@register_jsd(OneHotCategorical, MixtureSameFamily, kind="exact")
+@register_jsd(MixtureSameFamily, MixtureSameFamily, kind=_MIXTURE_KIND)
 @register_jsd(MixtureSameFamily, Normal, kind="estimate")
 @register_jsd(Normal, MixtureSameFamily, kind="estimate")
 @register_jsd(MixtureSameFamily, Independent, kind="estimate")
@@ -279,8 +309,9 @@ del _tp, _tq
 def _jsd_mixture(p: Distribution, q: Distribution, alpha: float) -> Tensor:
     r"""JS_alpha(p, q) in nats where p or q is a ``MixtureSameFamily``: dispatch on the components.
 
-    Two mixtures of categoricals collapse to one categorical each,
-    $\log p(k) = \operatorname{logsumexp}_j(\log w_j + \log p_j(k))$, and the JSD is exact;
+    Mixtures of categoricals collapse to one categorical each,
+    $\log p(k) = \operatorname{logsumexp}_j(\log w_j + \log p_j(k))$, and the JSD against a
+    categorical or another such mixture is exact (`distkl._categorical.js_categorical_family`);
     Gaussian families are estimated by :func:`jsd_gaussian`.
 
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1), eq. (4.1).
@@ -292,16 +323,14 @@ def _jsd_mixture(p: Distribution, q: Distribution, alpha: float) -> Tensor:
         NotImplementedError: for other component families or a categorical/Gaussian mix.
     """
     if is_categorical_family(p) and is_categorical_family(q):
-        batch_shape_of(p, q)
-        return js_from_log_probs(categorical_log_probs(p), categorical_log_probs(q), skew=alpha)
+        return js_categorical_family(p, q, alpha)
     if is_gaussian_family(p) and is_gaussian_family(q):
         return jsd_gaussian(p, q, alpha)
-    supported = [*_GAUSSIAN, *_CATEGORICAL]
     for role, d in (("p", p), ("q", q)):
         if not (is_categorical_family(d) or is_gaussian_family(d)):
-            raise unsupported(f"JSD with {role}", d, supported)
+            raise unsupported(f"JSD with {role}", d, JSD_SUPPORTED)
     raise NotImplementedError(
         f"distkl has no JSD rule between p of type {describe(p)} and q of type {describe(q)}: "
         "both must be categorical-family or both Gaussian-family. Supported: "
-        f"{', '.join(supported)}."
+        f"{', '.join(JSD_SUPPORTED)}."
     )
