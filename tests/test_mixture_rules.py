@@ -21,6 +21,7 @@ from torch.distributions import kl as torch_kl
 
 import distkl
 import distkl.rules.mixture as mixture_rules
+from distkl import registry
 from distkl.montecarlo import kl_mc
 from distkl.registry import kl_rules
 from tests.conftest import Z
@@ -30,6 +31,9 @@ ROWS = {e.id: e for e in by_family("mixture")}
 SCALAR = ROWS["MixtureSameFamily(Normal)-MixtureSameFamily(Normal)"]  # 1-D events
 SCALAR_SINGLE = ROWS["Normal-MixtureSameFamily(Normal)"]
 VECTOR = ROWS["MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal)"]
+CATEGORICAL_MIXTURES = {e.id: e for e in by_family("categorical")}[
+    "MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical)"
+]
 
 MSF = MixtureSameFamily
 PAIRS = [
@@ -306,3 +310,17 @@ def test_jsd_quadrature_needs_a_1d_event():
     with distkl.options(method="quadrature"):
         with pytest.raises(ValueError, match=r"1-D event \(event shape \(\)\)"):
             distkl.js_divergence(p, q)
+
+
+# ---- per-call kind of the mixture-vs-mixture rules (issue 11.12) ------------------------------
+
+
+def test_mixture_pair_kind_follows_the_components():
+    cat_p, cat_q = CATEGORICAL_MIXTURES.build("cpu", torch.float64)
+    gauss_p, gauss_q = SCALAR.build("cpu", torch.float64)
+    for lookup in (registry.lookup_kl, registry.lookup_jsd):
+        _, info = lookup(MSF, MSF)
+        assert info is not None and info.module == mixture_rules.__name__
+        assert info.kind_for(cat_p, cat_q) == "exact"
+        assert info.kind_for(gauss_p, gauss_q) == "estimate"
+        assert info.kind_summary == "exact for categorical components, estimate otherwise"
