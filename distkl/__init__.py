@@ -41,9 +41,9 @@ from distkl.registry import (
     register_jsd,
     register_kl,
 )
-from distkl.rules import categorical as _categorical  # noqa: F401  (registers the rules)
-from distkl.rules import mixture as _mixture  # noqa: F401  (registers the rules)
-from distkl.rules import normal as _normal  # noqa: F401  (registers the rules)
+from distkl.rules import categorical as _rules_categorical  # noqa: F401  (registers the rules)
+from distkl.rules import mixture as _rules_mixture  # noqa: F401  (registers the rules)
+from distkl.rules import normal as _rules_normal  # noqa: F401  (registers the rules)
 from distkl.verify import check_kl
 
 __version__ = "0.1.0"
