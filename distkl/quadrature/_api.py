@@ -11,6 +11,7 @@ from torch.distributions import Distribution
 
 from distkl._checks import check_positive_int, check_skew
 from distkl._gaussian import GaussianMixture
+from distkl._logspace import binary_entropy
 from distkl.quadrature._integrands import kl_bernoulli_logit, kl_integrand
 from distkl.quadrature._normal import kl_normal_mixture_tensors
 from distkl.quadrature._rule import (
@@ -21,7 +22,6 @@ from distkl.quadrature._rule import (
     log_densities,
     scalar_mixture,
 )
-from distkl.registry import binary_entropy
 
 __all__ = ["kl_quadrature", "kl_composite", "jsd_quadrature", "expect_1d"]
 
