@@ -176,7 +176,10 @@ def log_ratio_to_mix(d: Tensor, beta: float) -> Tensor:
     small = ~(d > 1.0)  # NaN takes the first branch, which keeps it
     r_small = -torch.log1p(beta * torch.expm1(torch.where(small, d, 0.0)))
     d_big = torch.where(small, 1.0, d)
-    r_big = -torch.logaddexp(torch.full_like(d_big, math.log1p(-beta)), math.log(beta) + d_big)
+    # beta = 1 - alpha rounds to 1 (or 0) for a skew below 1.1e-16: log(0) is -inf, not an error.
+    log_1m_beta = math.log1p(-beta) if beta < 1.0 else -math.inf
+    log_beta = math.log(beta) if beta > 0.0 else -math.inf
+    r_big = -torch.logaddexp(torch.full_like(d_big, log_1m_beta), log_beta + d_big)
     return torch.where(small, r_small, r_big)
 
 
