@@ -89,14 +89,40 @@ def samples_per_pair(num_samples: Optional[int], num_pairs: int) -> int:
     return max(1, -(-SAMPLE_BUDGET // max(1, num_pairs)))
 
 
-_CURRENT: contextvars.ContextVar[Options] = contextvars.ContextVar(
-    "distkl_options",
-    default=Options(),  # noqa: B039 (a frozen dataclass: immutable)
-)
+class _OptionsVar:
+    """The options' ContextVar, mirrored in a plain attribute for ``torch.compile``.
+
+    Dynamo cannot trace ``ContextVar.get``; it can read ``mirror`` and guards on it, so a compiled
+    function recompiles when the options change. The mirror holds the options last set in any
+    thread: compiled code in several threads with different options sees the latest ones.
+    """
+
+    def __init__(self) -> None:
+        self._var: contextvars.ContextVar[Options] = contextvars.ContextVar(
+            "distkl_options",
+            default=Options(),  # noqa: B039 (a frozen dataclass: immutable)
+        )
+        self.mirror = Options()
+
+    def get(self) -> Options:
+        return self._var.get()
+
+    def set(self, value: Options) -> contextvars.Token[Options]:
+        self.mirror = value
+        return self._var.set(value)
+
+    def reset(self, token: contextvars.Token[Options]) -> None:
+        self._var.reset(token)
+        self.mirror = self._var.get()
+
+
+_CURRENT = _OptionsVar()
 
 
 def get_options() -> Options:
-    """The options in force in this thread."""
+    """The options in force in this thread (under ``torch.compile``: the ones last set)."""
+    if torch.compiler.is_compiling():
+        return _CURRENT.mirror
     return _CURRENT.get()
 
 
