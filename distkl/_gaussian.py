@@ -13,6 +13,7 @@ diagonal scale ``scale_diag`` (``(*batch, K, D)``) or a lower-triangular ``scale
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,9 +28,30 @@ from torch.distributions import (
     Normal,
 )
 
-from distkl._checks import unsupported
+from distkl._checks import batch_shape_of, check_same_event_shape, unsupported
+from distkl._torch_compat import exact_log_probs
 
-__all__ = ["GaussianMixture", "as_gaussian_mixture", "is_gaussian_family", "SUPPORTED_COMPONENTS"]
+__all__ = [
+    "GaussianMixture",
+    "SUPPORTED_COMPONENTS",
+    "as_gaussian_mixture",
+    "broadcast_mixtures",
+    "entropies",
+    "expected_log_density",
+    "half_log_det",
+    "invalid_elements",
+    "is_gaussian_family",
+    "loc_scale_1d",
+    "mixture_log_density",
+    "neutralize",
+    "pairwise_kl",
+    "pairwise_log_overlap",
+    "pairwise_log_product",
+    "same_parameters",
+    "to_float64",
+]
+
+LOG_2PI = math.log(2.0 * math.pi)
 
 SUPPORTED_COMPONENTS = (
     "Normal",
@@ -81,11 +103,7 @@ class GaussianMixture:
 
     def log_det_cov(self) -> Tensor:
         """``log det Sigma_k`` of shape ``(*batch, K)``."""
-        diag = self.scale_diag
-        if diag is None:
-            assert self.scale_tril is not None
-            diag = self.scale_tril.diagonal(dim1=-2, dim2=-1)
-        return 2.0 * diag.log().sum(-1)
+        return 2.0 * half_log_det(self)
 
     def rsample_components(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """``n`` reparameterized draws from every component: shape ``(n, *batch, K, D)``.
@@ -132,11 +150,28 @@ def is_gaussian_family(d: Distribution) -> bool:
 def _is_gaussian_component(d: Distribution) -> bool:
     if isinstance(d, (Normal, MultivariateNormal, LowRankMultivariateNormal)):
         return True
+    # isinstance throughout: subclasses (Pyro's Normal, its .to_event(1)) are supported too.
     return (
         isinstance(d, Independent)
-        and type(d.base_dist) is Normal
+        and isinstance(d.base_dist, Normal)
         and d.reinterpreted_batch_ndims == 1
     )
+
+
+def _nan_where_negative(scale: Tensor) -> Tensor:
+    """``scale`` with negative entries replaced by NaN.
+
+    With validation off torch accepts a negative scale; every method reading ``|scale|`` (or a
+    squared scale) would then silently compute the KL of another distribution. NaN propagates
+    instead, as torch's own ``log_prob`` does. Zero scales are kept (degenerate, not invalid here).
+    """
+    return torch.where(scale < 0, torch.full_like(scale, math.nan), scale)
+
+
+def _nan_where_negative_diagonal(tril: Tensor) -> Tensor:
+    """A lower-triangular factor with a negative diagonal entry becomes NaN (see above)."""
+    bad = (tril.diagonal(dim1=-2, dim2=-1) < 0).any(-1)
+    return torch.where(bad[..., None, None], torch.full_like(tril, math.nan), tril)
 
 
 def _component_params(
@@ -145,13 +180,13 @@ def _component_params(
     """(loc (*b, D), scale_diag (*b, D) | None, scale_tril (*b, D, D) | None, event_shape)."""
     if isinstance(d, Normal):
         loc, scale = torch.broadcast_tensors(d.loc, d.scale)
-        return loc.unsqueeze(-1), scale.unsqueeze(-1), None, torch.Size()
+        return loc.unsqueeze(-1), _nan_where_negative(scale).unsqueeze(-1), None, torch.Size()
     if isinstance(d, Independent) and isinstance(d.base_dist, Normal):
         base = d.base_dist
         loc, scale = torch.broadcast_tensors(base.loc, base.scale)
-        return loc, scale, None, d.event_shape
+        return loc, _nan_where_negative(scale), None, d.event_shape
     if isinstance(d, MultivariateNormal):
-        return d.loc, None, d.scale_tril, d.event_shape
+        return d.loc, None, _nan_where_negative_diagonal(d.scale_tril), d.event_shape
     if isinstance(d, LowRankMultivariateNormal):
         # Dense Cholesky of W W^T + diag(D): mixtures need the full factor anyway.
         return d.loc, None, torch.linalg.cholesky(d.covariance_matrix), d.event_shape
@@ -160,6 +195,11 @@ def _component_params(
 
 def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> GaussianMixture:
     """Canonical :class:`GaussianMixture` view of a Normal-family distribution or mixture.
+
+    Mixture weights are read exactly (a zero weight gives a log-weight of ``-inf``, never a
+    clamped ``log eps``); a negative scale (possible with validation off) becomes NaN, so every
+    method gives NaN for it rather than the value for ``|scale|``. Subclasses of the supported
+    families (e.g. Pyro's) are accepted.
 
     Raises:
         NotImplementedError: for any other family, listing the supported ones.
@@ -171,8 +211,9 @@ def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> Gauss
             [*SUPPORTED_COMPONENTS, *(f"MixtureSameFamily({c})" for c in SUPPORTED_COMPONENTS)],
         )
     if isinstance(d, MixtureSameFamily):
-        log_w = d.mixture_distribution.logits
-        log_w = log_w - log_w.logsumexp(-1, keepdim=True)
+        # Exact log-weights: torch's `logits` of a Categorical built from probs clamp a zero
+        # weight to eps (a weight-0 component would be counted with weight ~1e-7 in float32).
+        log_w = exact_log_probs(d.mixture_distribution)
         loc, sd, st, ev = _component_params(d.component_distribution)
         gm = GaussianMixture(log_w, loc, sd, st, ev)
         # MixtureSameFamily lets the weights' and the components' batch shapes merely broadcast
@@ -190,3 +231,230 @@ def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> Gauss
         None if st is None else st.unsqueeze(-3),
         ev,
     )
+
+
+def broadcast_mixtures(p: Distribution, q: Distribution) -> tuple[GaussianMixture, GaussianMixture]:
+    """Canonical mixtures of ``p`` and ``q``, expanded to their broadcast batch shape.
+
+    Raises:
+        NotImplementedError: ``p`` or ``q`` is not a Normal-family distribution or mixture.
+        ValueError: different event shapes, or batch shapes that do not broadcast.
+    """
+    check_same_event_shape(p, q)
+    mp = as_gaussian_mixture(p, role="p")
+    mq = as_gaussian_mixture(q, role="q")
+    shape = batch_shape_of(p, q)
+    return mp.expand(shape), mq.expand(shape)
+
+
+def to_float64(m: GaussianMixture) -> GaussianMixture:
+    """``m`` with every field cast to float64, log-weights renormalised there (differentiable).
+
+    Float32 weights such as ``[1, 1e-10]`` sum to 1 only in float32; renormalising in float64
+    keeps a tiny component's contribution from being off by its own weight.
+    """
+
+    def up(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.to(torch.float64)
+
+    log_w = m.log_weights.to(torch.float64)
+    if m.log_weights.dtype != torch.float64:
+        log_w = log_w - log_w.logsumexp(-1, keepdim=True)
+    return GaussianMixture(
+        log_w,
+        m.loc.to(torch.float64),
+        up(m.scale_diag),
+        up(m.scale_tril),
+        m.event_shape,
+    )
+
+
+def loc_scale_1d(m: GaussianMixture) -> tuple[Tensor, Tensor]:
+    """``(loc, scale)`` of every component of a scalar-event mixture, each ``(*batch, K)``."""
+    scale = m.scale_diag if m.scale_diag is not None else m.tril()[..., 0]
+    return m.loc[..., 0], scale[..., 0]
+
+
+def half_log_det(m: GaussianMixture) -> Tensor:
+    r"""$\tfrac12 \log\det\Sigma_k = \sum_i \log L_{k,ii}$ of every component: ``(*batch, K)``."""
+    diag = m.scale_diag if m.scale_diag is not None else m.tril().diagonal(dim1=-2, dim2=-1)
+    return diag.log().sum(-1)
+
+
+def invalid_elements(m: GaussianMixture) -> Tensor:
+    """Boolean mask ``(*batch,)`` of the batch elements with a NaN weight, location or scale."""
+    bad = m.log_weights.isnan().any(-1) | m.loc.isnan().flatten(-2).any(-1)
+    scale = m.scale_diag if m.scale_diag is not None else m.tril()
+    return bad | scale.isnan().flatten(len(m.batch_shape)).any(-1)
+
+
+def neutralize(m: GaussianMixture, mask: Tensor) -> GaussianMixture:
+    """``m`` with the batch elements in ``mask`` replaced by standard normals of equal weight.
+
+    For algorithms that would raise on NaN parameters (a Cholesky factorisation): compute on the
+    neutralised mixture, then put NaN back where ``mask`` is set. ``mask`` has ``m``'s batch shape.
+    """
+    k = m.num_components
+    flat = mask[..., None]
+    log_w = torch.where(flat, torch.full_like(m.log_weights, -math.log(k)), m.log_weights)
+    loc = torch.where(flat[..., None], torch.zeros_like(m.loc), m.loc)
+    if m.scale_diag is not None:
+        sd = torch.where(flat[..., None], torch.ones_like(m.scale_diag), m.scale_diag)
+        return GaussianMixture(log_w, loc, sd, None, m.event_shape)
+    tril = m.tril()
+    eye = torch.eye(m.dim, dtype=tril.dtype, device=tril.device).expand_as(tril)
+    return GaussianMixture(
+        log_w, loc, None, torch.where(flat[..., None, None], eye, tril), m.event_shape
+    )
+
+
+def same_parameters(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
+    """Boolean mask ``(*batch,)`` (broadcast batch) of elements where every parameter is equal.
+
+    Equal weights, locations and scales, component by component (a permutation of the
+    components is not recognised). All ``False`` when the numbers of components or the
+    dimensions differ.
+    """
+    batch = torch.broadcast_shapes(mp.batch_shape, mq.batch_shape)
+    if mp.num_components != mq.num_components or mp.dim != mq.dim:
+        return torch.zeros(batch, dtype=torch.bool, device=mp.loc.device)
+    mp, mq = mp.expand(batch), mq.expand(batch)
+    same = (mp.log_weights == mq.log_weights).all(-1) & (mp.loc == mq.loc).all(-1).all(-1)
+    if mp.scale_diag is not None and mq.scale_diag is not None:
+        return same & (mp.scale_diag == mq.scale_diag).all(-1).all(-1)
+    return same & (mp.tril() == mq.tril()).flatten(-3).all(-1)
+
+
+def pairwise_kl(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
+    r"""``KL(p_a || q_b)`` in nats for every pair of components: shape ``(*batch, Ka, Kb)``.
+
+    $$
+    \mathrm{KL}(p_a \| q_b) = \tfrac12\bigl(\|L_b^{-1} L_a\|_F^2
+    + \|L_b^{-1}(\mu_a - \nu_b)\|^2 - D\bigr) + \log\det L_b - \log\det L_a
+    $$
+
+    with Cholesky factors $L$. Identical components give exactly 0.
+
+    Source: Rasmussen & Williams (2006), GPML, eq. (A.23).
+    """
+    d = mp.dim
+    half_ld = half_log_det(mq).unsqueeze(-2) - half_log_det(mp).unsqueeze(-1)
+    half_ld = torch.where(half_ld == 0, torch.zeros_like(half_ld), half_ld)
+    diff = mp.loc.unsqueeze(-2) - mq.loc.unsqueeze(-3)  # (*b, Ka, Kb, D)
+    if mp.scale_diag is not None and mq.scale_diag is not None:
+        sp = mp.scale_diag.unsqueeze(-2)
+        sq = mq.scale_diag.unsqueeze(-3)
+        trace = (sp / sq).square().sum(-1)
+        maha = (diff / sq).square().sum(-1)
+    else:
+        lp = mp.tril().unsqueeze(-3)  # (*b, Ka, 1, D, D)
+        lq = mq.tril().unsqueeze(-4)  # (*b, 1, Kb, D, D)
+        lp, lq = torch.broadcast_tensors(lp, lq)
+        s = torch.linalg.solve_triangular(lq, lp, upper=False)
+        trace = s.square().sum((-2, -1))
+        m = torch.linalg.solve_triangular(lq, diff.unsqueeze(-1), upper=False).squeeze(-1)
+        maha = m.square().sum(-1)
+    return 0.5 * ((trace - d) + maha) + half_ld
+
+
+def pairwise_log_overlap(mp: GaussianMixture, mq: GaussianMixture, alpha: float = 0.5) -> Tensor:
+    r"""``log int p_a^alpha q_b^(1-alpha) dx`` for every pair: shape ``(*batch, Ka, Kb)``.
+
+    Minus the Chernoff $\alpha$-divergence $C_\alpha(p_a \| q_b)$:
+
+    $$
+    \log\!\int p_a^{\alpha} q_b^{1-\alpha}\,dx
+    = -\tfrac{\alpha(1-\alpha)}{2}\, \delta^\top \Sigma_\alpha^{-1} \delta
+    - \tfrac12 \log\det\Sigma_\alpha + \tfrac{1-\alpha}{2}\log\det\Sigma_a
+    + \tfrac{\alpha}{2}\log\det\Gamma_b,
+    $$
+
+    $\Sigma_\alpha = (1-\alpha)\Sigma_a + \alpha\Gamma_b$, $\delta = \mu_a - \nu_b$.
+    ``alpha=0.5`` gives minus the Bhattacharyya distance.
+
+    Source: Kolchinsky & Tracey (2017), "Estimating mixture entropy with pairwise distances",
+    Entropy 19(7):361, sec. 4 (Chernoff alpha-divergence between Gaussians).
+    """
+    a = alpha
+    cov = (1.0 - a) * mp.covariance().unsqueeze(-3) + a * mq.covariance().unsqueeze(-4)
+    chol = torch.linalg.cholesky(cov)
+    diff = (mp.loc.unsqueeze(-2) - mq.loc.unsqueeze(-3)).unsqueeze(-1)
+    m = torch.linalg.solve_triangular(chol, diff, upper=False).squeeze(-1)
+    half_ld = chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return (
+        -0.5 * a * (1.0 - a) * m.square().sum(-1)
+        - half_ld
+        + (1.0 - a) * half_log_det(mp).unsqueeze(-1)
+        + a * half_log_det(mq).unsqueeze(-2)
+    )
+
+
+def pairwise_log_product(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
+    r"""``log int p_a q_b dx = log N(mu_a; nu_b, Sigma_a + Gamma_b)``: ``(*batch, Ka, Kb)``.
+
+    Source: Petersen & Pedersen (2012), "The Matrix Cookbook", eq. (371) (product of Gaussians).
+    """
+    cov = mp.covariance().unsqueeze(-3) + mq.covariance().unsqueeze(-4)
+    chol = torch.linalg.cholesky(cov)
+    diff = (mp.loc.unsqueeze(-2) - mq.loc.unsqueeze(-3)).unsqueeze(-1)
+    m = torch.linalg.solve_triangular(chol, diff, upper=False).squeeze(-1)
+    return (
+        -0.5 * m.square().sum(-1)
+        - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        - 0.5 * mp.dim * LOG_2PI
+    )
+
+
+def entropies(m: GaussianMixture) -> Tensor:
+    r"""Entropy of every component in nats, $\tfrac12\log\det(2\pi e\Sigma_k)$: ``(*batch, K)``."""
+    return 0.5 * m.dim * (1.0 + LOG_2PI) + half_log_det(m)
+
+
+def expected_log_density(gp: GaussianMixture, gq: GaussianMixture) -> Tensor:
+    r"""``E_{x ~ p_k}[log q_j(x)]`` in nats for every pair of components: ``(*batch, Kp, Kq)``.
+
+    The Gaussian cross-entropy, negated:
+
+    $$
+    -\tfrac{D}{2}\log 2\pi - \tfrac12 \log|S_j|
+    - \tfrac12\big[\operatorname{tr}(S_j^{-1}\Sigma_k)
+    + (\mu_k - m_j)^\top S_j^{-1} (\mu_k - m_j)\big]
+    $$
+
+    Batch shapes of ``gp`` and ``gq`` need only broadcast.
+
+    Source: Rasmussen & Williams (2006), GPML, eq. (A.23) (the cross term of the Gaussian KL).
+    """
+    d = gp.dim
+    diff = gp.loc.unsqueeze(-2) - gq.loc.unsqueeze(-3)  # (*b, Kp, Kq, D)
+    if gq.scale_diag is not None:
+        prec = gq.scale_diag.square().reciprocal().unsqueeze(-3)  # (*bq, 1, Kq, D)
+        if gp.scale_diag is not None:
+            var_p = gp.scale_diag.square()
+        else:
+            var_p = gp.covariance().diagonal(dim1=-2, dim2=-1)
+        trace = (var_p.unsqueeze(-2) * prec).sum(-1)
+        mahal = (diff.square() * prec).sum(-1)
+    else:
+        tril_q = gq.tril()
+        eye = torch.eye(d, dtype=tril_q.dtype, device=tril_q.device)
+        linv = torch.linalg.solve_triangular(tril_q, eye, upper=False).unsqueeze(-4)
+        prod = linv @ gp.tril().unsqueeze(-3)  # (*b, Kp, Kq, D, D)
+        trace = prod.square().sum((-1, -2))
+        mahal = (linv @ diff.unsqueeze(-1)).squeeze(-1).square().sum(-1)
+    log_det_q = 2.0 * half_log_det(gq).unsqueeze(-2)  # (*bq, 1, Kq)
+    return -0.5 * (d * LOG_2PI + log_det_q + trace + mahal)
+
+
+def mixture_log_density(x: Tensor, m: GaussianMixture) -> Tensor:
+    """``log m(x)`` in nats for points ``x`` of shape ``(*batch, N, D)``: shape ``(*batch, N)``."""
+    diff = x.unsqueeze(-2) - m.loc.unsqueeze(-3)  # (*b, N, K, D)
+    if m.scale_diag is not None:
+        z = diff / m.scale_diag.unsqueeze(-3)
+    else:
+        tril = m.tril()
+        eye = torch.eye(m.dim, dtype=tril.dtype, device=tril.device).expand_as(tril)
+        inv = torch.linalg.solve_triangular(tril, eye, upper=False)  # (*b, K, D, D)
+        z = torch.einsum("...kij,...nkj->...nki", inv, diff)
+    comp = -0.5 * z.square().sum(-1) - half_log_det(m).unsqueeze(-2) - 0.5 * m.dim * LOG_2PI
+    return (m.log_weights.unsqueeze(-2) + comp).logsumexp(-1)

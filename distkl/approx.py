@@ -13,8 +13,8 @@ Both are deterministic and differentiable, biased, and exact when ``p`` and ``q`
 Gaussians. For guaranteed bounds see :mod:`distkl.bounds`; for 1-D events
 :func:`distkl.quadrature.kl_quadrature` is exact to about 1e-12.
 
-This module also holds the pairwise Gaussian quantities (KL, Chernoff divergences, overlap
-integrals) that :mod:`distkl.bounds` uses.
+The pairwise Gaussian quantities (KL, Chernoff divergences, overlap integrals) live in
+``distkl._gaussian``.
 """
 
 from __future__ import annotations
@@ -25,127 +25,17 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from distkl._checks import batch_shape_of, check_same_event_shape
-from distkl._gaussian import GaussianMixture, as_gaussian_mixture
+from distkl._gaussian import (  # noqa: F401  (re-exported: their old home)
+    GaussianMixture,
+    broadcast_mixtures,
+    entropies,
+    mixture_log_density,
+    pairwise_kl,
+    pairwise_log_overlap,
+    pairwise_log_product,
+)
 
 __all__ = ["kl_variational", "kl_unscented"]
-
-_LOG_2PI = math.log(2.0 * math.pi)
-
-
-# ---- canonical pairs ----------------------------------------------------------------------------
-
-
-def _pair(p: Distribution, q: Distribution) -> tuple[GaussianMixture, GaussianMixture]:
-    """Canonical mixtures of ``p`` and ``q`` expanded to the broadcast batch shape."""
-    check_same_event_shape(p, q)
-    mp = as_gaussian_mixture(p, role="p")
-    mq = as_gaussian_mixture(q, role="q")
-    shape = batch_shape_of(p, q)
-    return mp.expand(shape), mq.expand(shape)
-
-
-def _log_det(m: GaussianMixture) -> Tensor:
-    """``log det Sigma_k``, shape ``(*batch, K)``."""
-    return m.log_det_cov()
-
-
-def _half_log_det(m: GaussianMixture) -> Tensor:
-    diag = m.scale_diag if m.scale_diag is not None else m.tril().diagonal(dim1=-2, dim2=-1)
-    return diag.abs().log().sum(-1)
-
-
-def pairwise_kl(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
-    r"""``KL(p_a || q_b)`` for every pair of components: shape ``(*batch, Ka, Kb)``.
-
-    .. math::
-        \mathrm{KL}(p_a \| q_b) = \tfrac12\bigl(\|L_b^{-1} L_a\|_F^2
-        + \|L_b^{-1}(\mu_a - \nu_b)\|^2 - D\bigr) + \log\det L_b - \log\det L_a
-
-    with Cholesky factors :math:`L`. Identical components give exactly 0.
-    """
-    d = mp.dim
-    half_ld = _half_log_det(mq).unsqueeze(-2) - _half_log_det(mp).unsqueeze(-1)
-    half_ld = torch.where(half_ld == 0, torch.zeros_like(half_ld), half_ld)
-    diff = mp.loc.unsqueeze(-2) - mq.loc.unsqueeze(-3)  # (*b, Ka, Kb, D)
-    if mp.scale_diag is not None and mq.scale_diag is not None:
-        sp = mp.scale_diag.unsqueeze(-2)
-        sq = mq.scale_diag.unsqueeze(-3)
-        ratio = sp / sq
-        trace = ratio.square().sum(-1)
-        maha = (diff / sq).square().sum(-1)
-    else:
-        lp = mp.tril().unsqueeze(-3)  # (*b, Ka, 1, D, D)
-        lq = mq.tril().unsqueeze(-4)  # (*b, 1, Kb, D, D)
-        lp, lq = torch.broadcast_tensors(lp, lq)
-        s = torch.linalg.solve_triangular(lq, lp, upper=False)
-        trace = s.square().sum((-2, -1))
-        m = torch.linalg.solve_triangular(lq, diff.unsqueeze(-1), upper=False).squeeze(-1)
-        maha = m.square().sum(-1)
-    return 0.5 * ((trace - d) + maha) + half_ld
-
-
-def pairwise_log_overlap(mp: GaussianMixture, mq: GaussianMixture, alpha: float = 0.5) -> Tensor:
-    r"""``log int p_a^alpha q_b^(1-alpha) dx`` for every pair: shape ``(*batch, Ka, Kb)``.
-
-    Minus the Chernoff :math:`\alpha`-divergence :math:`C_\alpha(p_a \| q_b)`:
-
-    .. math::
-        \log\!\int p_a^{\alpha} q_b^{1-\alpha}\,dx
-        = -\tfrac{\alpha(1-\alpha)}{2}\, \delta^\top \Sigma_\alpha^{-1} \delta
-        - \tfrac12 \log\det\Sigma_\alpha + \tfrac{1-\alpha}{2}\log\det\Sigma_a
-        + \tfrac{\alpha}{2}\log\det\Gamma_b,
-
-    :math:`\Sigma_\alpha = (1-\alpha)\Sigma_a + \alpha\Gamma_b`, :math:`\delta = \mu_a - \nu_b`.
-    ``alpha=0.5`` gives minus the Bhattacharyya distance.
-
-    Source: Kolchinsky & Tracey (2017), "Estimating mixture entropy with pairwise distances",
-    Entropy 19(7):361, sec. 4 (Chernoff alpha-divergence between Gaussians).
-    """
-    a = alpha
-    cov = (1.0 - a) * mp.covariance().unsqueeze(-3) + a * mq.covariance().unsqueeze(-4)
-    chol = torch.linalg.cholesky(cov)
-    diff = (mp.loc.unsqueeze(-2) - mq.loc.unsqueeze(-3)).unsqueeze(-1)
-    m = torch.linalg.solve_triangular(chol, diff, upper=False).squeeze(-1)
-    half_ld = chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    return (
-        -0.5 * a * (1.0 - a) * m.square().sum(-1)
-        - half_ld
-        + (1.0 - a) * _half_log_det(mp).unsqueeze(-1)
-        + a * _half_log_det(mq).unsqueeze(-2)
-    )
-
-
-def pairwise_log_product(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
-    r"""``log int p_a q_b dx = log N(mu_a; nu_b, Sigma_a + Gamma_b)``: ``(*batch, Ka, Kb)``."""
-    cov = mp.covariance().unsqueeze(-3) + mq.covariance().unsqueeze(-4)
-    chol = torch.linalg.cholesky(cov)
-    diff = (mp.loc.unsqueeze(-2) - mq.loc.unsqueeze(-3)).unsqueeze(-1)
-    m = torch.linalg.solve_triangular(chol, diff, upper=False).squeeze(-1)
-    return (
-        -0.5 * m.square().sum(-1)
-        - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        - 0.5 * mp.dim * _LOG_2PI
-    )
-
-
-def entropies(m: GaussianMixture) -> Tensor:
-    r"""Entropy of every component, :math:`\tfrac12\log\det(2\pi e\Sigma_k)`: ``(*batch, K)``."""
-    return 0.5 * m.dim * (1.0 + _LOG_2PI) + _half_log_det(m)
-
-
-def mixture_log_density(x: Tensor, m: GaussianMixture) -> Tensor:
-    """``log m(x)`` for points ``x`` of shape ``(*batch, N, D)``: shape ``(*batch, N)``."""
-    diff = x.unsqueeze(-2) - m.loc.unsqueeze(-3)  # (*b, N, K, D)
-    if m.scale_diag is not None:
-        z = diff / m.scale_diag.unsqueeze(-3)
-    else:
-        tril = m.tril()
-        eye = torch.eye(m.dim, dtype=tril.dtype, device=tril.device).expand_as(tril)
-        inv = torch.linalg.solve_triangular(tril, eye, upper=False)  # (*b, K, D, D)
-        z = torch.einsum("...kij,...nkj->...nki", inv, diff)
-    comp = -0.5 * z.square().sum(-1) - _half_log_det(m).unsqueeze(-2) - 0.5 * m.dim * _LOG_2PI
-    return (m.log_weights.unsqueeze(-2) + comp).logsumexp(-1)
 
 
 # ---- approximations -----------------------------------------------------------------------------
@@ -173,7 +63,7 @@ def kl_variational(p: Distribution, q: Distribution) -> Tensor:
     Source: Hershey & Olsen (2007), "Approximating the Kullback Leibler divergence between
     Gaussian mixture models", ICASSP, eq. (18).
     """
-    mp, mq = _pair(p, q)
+    mp, mq = broadcast_mixtures(p, q)
     self_kl = pairwise_kl(mp, mp)
     cross_kl = pairwise_kl(mp, mq)
     num = (mp.log_weights.unsqueeze(-2) - self_kl).logsumexp(-1)
@@ -234,7 +124,7 @@ def kl_unscented(p: Distribution, q: Distribution) -> Tensor:
     Gordon & Greenspan, ICCV 2003); sigma points and :math:`\kappa` of Julier & Uhlmann (1997),
     "A new extension of the Kalman filter to nonlinear systems", eq. (12).
     """
-    mp, mq = _pair(p, q)
+    mp, mq = broadcast_mixtures(p, q)
     pts, lam = sigma_points(mp, _default_kappa(mp.dim))
     flat = pts.flatten(-3, -2)  # (*b, K(2D+1), D)
     log_ratio = mixture_log_density(flat, mp) - mixture_log_density(flat, mq)

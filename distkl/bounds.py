@@ -40,14 +40,20 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from distkl._gaussian import GaussianMixture
-from distkl.approx import (
-    _pair,
+from distkl._gaussian import (
+    GaussianMixture,
+    broadcast_mixtures,
     entropies,
+    invalid_elements,
+    loc_scale_1d,
+    neutralize,
     pairwise_kl,
     pairwise_log_overlap,
     pairwise_log_product,
+    same_parameters,
+    to_float64,
 )
+from distkl.quadrature import _h_kl
 
 __all__ = ["KLBounds", "kl_bounds"]
 
@@ -68,17 +74,6 @@ class KLBounds(NamedTuple):
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-
-def _to64(m: GaussianMixture) -> GaussianMixture:
-    f = torch.float64
-    return GaussianMixture(
-        m.log_weights.to(f),
-        m.loc.to(f),
-        None if m.scale_diag is None else m.scale_diag.to(f),
-        None if m.scale_tril is None else m.scale_tril.to(f),
-        m.event_shape,
-    )
 
 
 def _weights(m: GaussianMixture) -> Tensor:
@@ -884,10 +879,8 @@ def cell_bounds_1d(
     Theory*, Theorem 2.5.3 and eq. (2.67); Hoeffding (1963), JASA 58, eq. (4.16); the envelope
     idea follows Nielsen & Sun (2016), Entropy 18(12):442, sec. 2.
     """
-    from distkl.quadrature import _h_kl, _loc_scale
-
-    loc_p, sc_p = _loc_scale(mp)
-    loc_q, sc_q = _loc_scale(mq)
+    loc_p, sc_p = loc_scale_1d(mp)
+    loc_q, sc_q = loc_scale_1d(mq)
     loc = torch.cat([loc_p, loc_q], -1)
     sc = torch.cat([sc_p, sc_q], -1)
     dt, dev = loc.dtype, loc.device
@@ -944,10 +937,8 @@ def _tail_term(mp: GaussianMixture, mq: GaussianMixture, lo_end: Tensor, hi_end:
     heaviest component ``b`` of q; the Gaussian tail moments are closed forms. Every end cell lies
     38 standard deviations beyond every component, so this is below 1e-300 in practice.
     """
-    from distkl.quadrature import _loc_scale
-
-    loc_p, sc_p = _loc_scale(mp)
-    loc_q, sc_q = _loc_scale(mq)
+    loc_p, sc_p = loc_scale_1d(mp)
+    loc_q, sc_q = loc_scale_1d(mq)
     b = mq.log_weights.argmax(-1, keepdim=True)
     lv_b = mq.log_weights.gather(-1, b)
     nu = loc_q.gather(-1, b)
@@ -969,15 +960,6 @@ def _tail_term(mp: GaussianMixture, mq: GaussianMixture, lo_end: Tensor, hi_end:
 
 
 # ---- the public function -------------------------------------------------------------------------
-
-
-def _identical(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
-    if mp.num_components != mq.num_components:
-        return torch.zeros(mp.batch_shape, dtype=torch.bool, device=mp.loc.device)
-    same = (mp.log_weights == mq.log_weights).all(-1) & (mp.loc == mq.loc).all(-1).all(-1)
-    if mp.scale_diag is not None and mq.scale_diag is not None:
-        return same & (mp.scale_diag == mq.scale_diag).all(-1).all(-1)
-    return same & (mp.tril() == mq.tril()).flatten(-3).all(-1)
 
 
 def _round_out(x: Tensor, dtype: torch.dtype, toward: float) -> Tensor:
@@ -1024,19 +1006,23 @@ def kl_bounds(p: Distribution, q: Distribution) -> KLBounds:
     19(7):361; Durrieu, Thiran & Kelly (2012), ICASSP; Donsker & Varadhan (1983); Cover & Thomas
     (2006), ch. 2; see the individual functions for each bound's statement and proof sketch.
     """
-    mp_in, mq_in = _pair(p, q)
+    mp_in, mq_in = broadcast_mixtures(p, q)
     dtype = mp_in.loc.dtype
-    mp, mq = _to64(mp_in), _to64(mq_in)
+    mp, mq = to_float64(mp_in), to_float64(mq_in)
+    invalid = invalid_elements(mp) | invalid_elements(mq)  # NaN in, NaN out (no Cholesky error)
+    mp, mq = neutralize(mp, invalid), neutralize(mq, invalid)
     lowers, uppers = _all_bounds(mp, mq)
     lower = torch.stack(lowers).amax(0)
     upper = torch.stack(uppers).amin(0)
     lower = lower - (_REL_MARGIN * lower.abs() + _ABS_MARGIN)
     upper = upper + (_REL_MARGIN * upper.abs() + _ABS_MARGIN)
     lower = lower.clamp(min=0.0)
-    same = _identical(mp, mq)
+    same = same_parameters(mp, mq)
     zero = torch.zeros_like(lower)
     lower = torch.where(same, zero, lower)
     upper = torch.where(same, zero, torch.maximum(upper, lower))
+    nan = torch.full_like(lower, math.nan)
+    lower, upper = torch.where(invalid, nan, lower), torch.where(invalid, nan, upper)
     return KLBounds(_round_out(lower, dtype, -math.inf), _round_out(upper, dtype, math.inf))
 
 

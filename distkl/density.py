@@ -43,75 +43,35 @@ _REFINE_TOL = 4e-6
 
 
 class GaussianScorer:
-    """Precomputed scorer for a :class:`GaussianMixture`: component and mixture log-densities.
+    """Precomputed log-densities of a :class:`GaussianMixture`'s components and of the mixture.
 
-    Build once, call many times (the Monte Carlo engine scores every chunk with one scorer).
+    Build once with :func:`gaussian_scorer`, call many times (the Monte Carlo engine scores every
+    chunk with one scorer). The subclasses are the three strategies: :class:`ScalarScorer`
+    (1-D events, elementwise), :class:`DiagonalScorer` (one GEMM of ``[y^2, y]``, float32 rows
+    refined in float64) and :class:`WhitenedScorer` (full covariances, stacked inverse Cholesky
+    factors). This base class holds what they share: the shapes, the centre and the chunked loop.
 
     With ``precise=False`` (what :func:`mixture_log_prob` uses) values come back in the input
-    dtype; for float32 diagonal components the expanded form is evaluated in float32 and the rows
-    whose estimated cancellation error exceeds 1e-6 of the result are recomputed in float64.
-    With ``precise=True`` (the Monte Carlo engine) diagonal components are evaluated in float64
-    and every value comes back in float64, so differences of log-densities keep their digits.
+    dtype. With ``precise=True`` (the Monte Carlo engine) diagonal components are evaluated in
+    float64 and every value comes back in float64, so differences of log-densities keep their
+    digits.
     """
 
-    def __init__(self, gm: GaussianMixture, *, precise: bool = False) -> None:
+    #: Width of one row of the largest intermediate, per component group (for chunking).
+    row_width: int
+
+    def __init__(self, gm: GaussianMixture, *, precise: bool) -> None:
         self.gm = gm
         self.batch_shape = gm.batch_shape
         self.num_components = gm.num_components
         self.dim = gm.dim
         self.scalar_event = len(gm.event_shape) == 0
-        d = gm.dim
         self.dtype = gm.loc.dtype
-        can64 = gm.loc.device.type != "mps"
-        self.out_dtype = torch.float64 if precise and can64 else self.dtype
-        # Centre: the mixture mean, detached (any centre gives the same value in exact arithmetic).
-        w = gm.log_weights.detach().exp()
-        center = (w.unsqueeze(-1) * gm.loc.detach()).sum(-2)  # (*b, D)
-        self.weight: Optional[Tensor] = None
-        self.whiten: Optional[Tensor] = None
-        self.shift: Optional[Tensor] = None
-        self.refine = False
-        self.direct: Optional[tuple[Tensor, ...]] = None
-        if gm.scale_diag is not None:
-            # Parameters in float64; the fast path uses float32 copies and refines rows whose
-            # cancellation error (about eps * |y|^2 / s^2) would be visible.
-            hi = torch.float64 if can64 else self.dtype
-            self.work_dtype = hi if precise else self.dtype
-            self.refine = not precise and self.dtype.itemsize < 8 and can64
-            s = gm.scale_diag.to(hi)
-            c64 = center.to(hi)
-            m = gm.loc.to(hi) - c64.unsqueeze(-2)  # (*b, K, D)
-            a = s.square().reciprocal()  # (*b, K, D)
-            am = a * m
-            weight = torch.cat([-0.5 * a, am], dim=-1).transpose(-1, -2).contiguous()  # (*b,2D,K)
-            const = -0.5 * (am * m).sum(-1) - s.log().sum(-1) - 0.5 * d * _LOG_2PI
-            if d == 1:
-                # Scalar events: (n, K) elementwise is as cheap as a GEMM and has no cancellation.
-                self.refine = False
-                self.work_dtype = self.out_dtype
-                self.direct = (m[..., 0], s[..., 0].reciprocal(), -s[..., 0].log() - 0.5 * _LOG_2PI)
-                self.direct = tuple(t.to(self.work_dtype) for t in self.direct)
-            self.center = c64.to(self.work_dtype)
-            self.weight = weight.to(self.work_dtype)
-            self.const = const.to(self.work_dtype)
-            if self.refine:
-                self.center_hi, self.weight_hi, self.const_hi = c64, weight, const
-                # Size of the expanded terms of component k, for the error estimate.
-                self.bound = (2.0 * am.abs()).to(self.dtype)  # (*b, K, D)
-                self.bound_const = (am * m).sum(-1).to(self.dtype)  # (*b, K)
-        else:
-            self.work_dtype = self.dtype
-            self.center = center
-            m = gm.loc - center.unsqueeze(-2)  # (*b, K, D)
-            tril = gm.tril()
-            eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
-            linv = torch.linalg.solve_triangular(tril, eye, upper=False)  # (*b, K, D, D)
-            k = gm.num_components
-            self.whiten = linv.reshape(*linv.shape[:-3], k * d, d).transpose(-1, -2).contiguous()
-            self.shift = (linv @ m.unsqueeze(-1)).squeeze(-1)  # (*b, K, D)
-            diag = tril.diagonal(dim1=-2, dim2=-1)
-            self.const = -diag.log().sum(-1) - 0.5 * d * _LOG_2PI
+        self.can64 = gm.loc.device.type != "mps"
+        self.out_dtype = torch.float64 if precise and self.can64 else self.dtype
         self.log_weights = gm.log_weights
+        self.work_dtype = self.dtype
+        self.center = _center(gm)
 
     # ----------------------------------------------------------------------------------
     def component_log_prob(self, x: Tensor) -> Tensor:
@@ -133,15 +93,12 @@ class GaussianScorer:
         k, d = self.num_components, self.dim
         if self.batch_shape.numel() == 1:
             # One mixture: a single GEMM over all samples.
-            rows = y.reshape(1, -1, d)
-            out = self._score_rows(rows, _squeeze_batch(self, nb), x, None)
+            out = self._score_rows(y.reshape(1, -1, d), self.params(None), None)
             return out.reshape(*r_shape, k).to(self.out_dtype)
         bt = r_shape[len(r_shape) - nb :]
         s_shape = r_shape[: len(r_shape) - nb]
-        n = s_shape.numel()
-        nbt = bt.numel()
-        rows = y.reshape(n, nbt, d).transpose(0, 1)  # (Bt, n, D)
-        out = self._score_rows(rows, _expand_batch(self, bt), x, bt)  # (Bt, n, K)
+        rows = y.reshape(s_shape.numel(), bt.numel(), d).transpose(0, 1)  # (Bt, n, D)
+        out = self._score_rows(rows, self.params(bt), bt)  # (Bt, n, K)
         return out.transpose(0, 1).reshape(*s_shape, *bt, k).to(self.out_dtype)
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -150,40 +107,115 @@ class GaussianScorer:
         return logsumexp_last(comp)
 
     # ----------------------------------------------------------------------------------
-    def _score_rows(
-        self,
-        rows: Tensor,
-        params: tuple[Tensor, Tensor, Tensor],
-        x: Tensor,
-        bt: Optional[torch.Size],
+    def params(self, bt: Optional[torch.Size]) -> tuple[Tensor, ...]:
+        """The parameters as groups: one group (``bt`` None) or broadcast to the batch ``bt``."""
+        raise NotImplementedError
+
+    def score_chunk(
+        self, chunk: Tensor, params: tuple[Tensor, ...], bt: Optional[torch.Size]
     ) -> Tensor:
-        """``rows`` (G, n, D) against per-group parameters -> (G, n, K), chunked over n."""
-        mat, shift, const = params
-        g, n, d = rows.shape
-        k = self.num_components
-        width = 2 * d if self.weight is not None else k * d
-        step = max(1, _MAX_INTERMEDIATE // max(1, g * width))
-        outs = []
-        for lo in range(0, n, step):
-            chunk = rows[:, lo : lo + step]
-            if self.direct is not None:
-                loc, inv_scale, log_norm = params
-                outs.append(
-                    log_norm.unsqueeze(-2)
-                    - 0.5 * ((chunk - loc.unsqueeze(-2)) * inv_scale.unsqueeze(-2)).square()
-                )
-            elif self.weight is not None:
-                # -0.5 y^2 . a + y . (a m) + const, as two GEMMs (no concatenated features).
-                lin = torch.baddbmm(const.unsqueeze(-2), chunk, mat[:, d:])
-                quad = torch.bmm(chunk.square(), mat[:, :d])
-                out = lin + quad
-                if self.refine:
-                    out = self._refine(out, quad, chunk, bt)
-                outs.append(out)
-            else:
-                z = (chunk @ mat).unflatten(-1, (k, d)) - shift.unsqueeze(-3)  # (G, c, K, D)
-                outs.append(const.unsqueeze(-2) - 0.5 * z.square().sum(-1))
+        """Rows ``chunk`` (G, c, D) against the groups' parameters -> (G, c, K)."""
+        raise NotImplementedError
+
+    def _score_rows(
+        self, rows: Tensor, params: tuple[Tensor, ...], bt: Optional[torch.Size]
+    ) -> Tensor:
+        """``rows`` (G, n, D) -> (G, n, K), in chunks of n under the intermediate budget."""
+        g, n, _ = rows.shape
+        step = max(1, _MAX_INTERMEDIATE // max(1, g * self.row_width))
+        outs = [self.score_chunk(rows[:, lo : lo + step], params, bt) for lo in range(0, n, step)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+def _center(gm: GaussianMixture) -> Tensor:
+    """The mixture mean, detached (any centre gives the same value in exact arithmetic)."""
+    w = gm.log_weights.detach().exp()
+    return (w.unsqueeze(-1) * gm.loc.detach()).sum(-2)  # (*b, D)
+
+
+def _groups(t: Tensor, bt: Optional[torch.Size], tail: tuple[int, ...]) -> Tensor:
+    """``t`` (*b, *tail) as groups: ``(1, *tail)`` for one mixture, else ``(prod(bt), *tail)``."""
+    if bt is None:
+        return t.reshape(1, *tail)
+    return t.expand(*bt, *tail).reshape(-1, *tail)
+
+
+class ScalarScorer(GaussianScorer):
+    """1-D events: ``(n, K)`` elementwise is as cheap as a GEMM and has no cancellation."""
+
+    def __init__(self, gm: GaussianMixture, *, precise: bool = False) -> None:
+        super().__init__(gm, precise=precise)
+        hi = torch.float64 if self.can64 else self.dtype
+        self.work_dtype = self.out_dtype
+        assert gm.scale_diag is not None
+        s = gm.scale_diag.to(hi)[..., 0]
+        c64 = self.center.to(hi)
+        m = gm.loc.to(hi)[..., 0] - c64  # (*b, K)
+        direct = (m, s.reciprocal(), -s.log() - 0.5 * _LOG_2PI)
+        self.direct = tuple(t.to(self.work_dtype) for t in direct)
+        self.center = c64.to(self.work_dtype)
+        self.row_width = 2
+
+    def params(self, bt: Optional[torch.Size]) -> tuple[Tensor, ...]:
+        k = self.num_components
+        return tuple(_groups(t, bt, (k,)) for t in self.direct)
+
+    def score_chunk(
+        self, chunk: Tensor, params: tuple[Tensor, ...], bt: Optional[torch.Size]
+    ) -> Tensor:
+        loc, inv_scale, log_norm = params
+        z = (chunk - loc.unsqueeze(-2)) * inv_scale.unsqueeze(-2)
+        return log_norm.unsqueeze(-2) - 0.5 * z.square()
+
+
+class DiagonalScorer(GaussianScorer):
+    r"""Diagonal components by one GEMM of the features ``[y^2, y]`` against a ``(2D, K)`` matrix.
+
+    :math:`\sum_d (y_d - m_{kd})^2 / s_{kd}^2 = y^2 \cdot a_k - 2\, y \cdot (a_k m_k)
+    + m_k \cdot (a_k m_k)`, :math:`a_k = 1/s_k^2`. The parameters are built in float64; with
+    ``precise=False`` a float32 input is scored with float32 copies and the rows whose estimated
+    cancellation error (about :math:`\epsilon |y|^2 / s^2`) exceeds ``4e-6`` of the result are
+    recomputed in float64 (:meth:`_refine`).
+    """
+
+    def __init__(self, gm: GaussianMixture, *, precise: bool = False) -> None:
+        super().__init__(gm, precise=precise)
+        d = self.dim
+        hi = torch.float64 if self.can64 else self.dtype
+        self.work_dtype = hi if precise else self.dtype
+        self.refine = not precise and self.dtype.itemsize < 8 and self.can64
+        assert gm.scale_diag is not None
+        s = gm.scale_diag.to(hi)
+        c64 = self.center.to(hi)
+        m = gm.loc.to(hi) - c64.unsqueeze(-2)  # (*b, K, D)
+        a = s.square().reciprocal()  # (*b, K, D)
+        am = a * m
+        weight = torch.cat([-0.5 * a, am], dim=-1).transpose(-1, -2).contiguous()  # (*b, 2D, K)
+        const = -0.5 * (am * m).sum(-1) - s.log().sum(-1) - 0.5 * d * _LOG_2PI
+        self.center = c64.to(self.work_dtype)
+        self.weight = weight.to(self.work_dtype)
+        self.const = const.to(self.work_dtype)
+        self.row_width = 2 * d
+        if self.refine:
+            self.center_hi, self.weight_hi, self.const_hi = c64, weight, const
+            # Size of the expanded terms of component k, for the error estimate.
+            self.bound = (2.0 * am.abs()).to(self.dtype)  # (*b, K, D)
+            self.bound_const = (am * m).sum(-1).to(self.dtype)  # (*b, K)
+
+    def params(self, bt: Optional[torch.Size]) -> tuple[Tensor, ...]:
+        k, d = self.num_components, self.dim
+        return _groups(self.weight, bt, (2 * d, k)), _groups(self.const, bt, (k,))
+
+    def score_chunk(
+        self, chunk: Tensor, params: tuple[Tensor, ...], bt: Optional[torch.Size]
+    ) -> Tensor:
+        mat, const = params
+        d = self.dim
+        # -0.5 y^2 . a + y . (a m) + const, as two GEMMs (no concatenated features).
+        lin = torch.baddbmm(const.unsqueeze(-2), chunk, mat[:, d:])
+        quad = torch.bmm(chunk.square(), mat[:, :d])
+        out = lin + quad
+        return self._refine(out, quad, chunk, bt) if self.refine else out
 
     def _refine(self, out: Tensor, quad: Tensor, y: Tensor, bt: Optional[torch.Size]) -> Tensor:
         """Recompute in float64 the rows of ``out`` (G, c, K) that float32 may get wrong.
@@ -191,14 +223,9 @@ class GaussianScorer:
         ``quad`` is the ``-0.5 y^2 . a_k`` term; the size of the expanded terms is
         ``y^2 . a_k + 2 |y| . |a_k m_k| + m_k . a_k m_k``.
         """
-        g, c, k = out.shape
-        d = self.dim
+        k, d = self.num_components, self.dim
         best = out.detach().argmax(-1, keepdim=True)  # (G, c, 1)
-        if bt is None:
-            bound, bconst = self.bound.reshape(1, k, d), self.bound_const.reshape(1, k)
-        else:
-            bound = self.bound.expand(*bt, k, d).reshape(-1, k, d)
-            bconst = self.bound_const.expand(*bt, k).reshape(-1, k)
+        bound, bconst = _groups(self.bound, bt, (k, d)), _groups(self.bound_const, bt, (k,))
         lin_size = torch.baddbmm(bconst.unsqueeze(-2), y.detach().abs(), bound.transpose(-1, -2))
         size = (lin_size - 2.0 * quad.detach()).gather(-1, best).squeeze(-1)  # (G, c)
         value = out.detach().gather(-1, best).squeeze(-1).abs().clamp_min(1.0)
@@ -212,13 +239,54 @@ class GaussianScorer:
             y_hi = y[gi, ci].to(torch.float64) + (self.center.to(torch.float64) - self.center_hi)
             exact = torch.addmm(const, torch.cat([y_hi.square(), y_hi], -1), mat)
         else:
-            mat = self.weight_hi.expand(*bt, 2 * d, k).reshape(-1, 2 * d, k)[gi]
-            const = self.const_hi.expand(*bt, k).reshape(-1, k)[gi]
-            shift = (self.center.to(torch.float64) - self.center_hi).expand(*bt, d).reshape(-1, d)
+            mat = _groups(self.weight_hi, bt, (2 * d, k))[gi]
+            const = _groups(self.const_hi, bt, (k,))[gi]
+            shift = _groups(self.center.to(torch.float64) - self.center_hi, bt, (d,))
             y_hi = y[gi, ci].to(torch.float64) + shift[gi]
             feats_hi = torch.cat([y_hi.square(), y_hi], -1).unsqueeze(-2)  # (r, 1, 2D)
             exact = (feats_hi @ mat).squeeze(-2) + const
         return out.index_put((gi, ci), exact.to(out.dtype))
+
+
+class WhitenedScorer(GaussianScorer):
+    r"""Full covariances: :math:`\|L_k^{-1}(y - m_k)\|^2` by one GEMM against the stacked
+    inverse Cholesky factors, a ``(D, K D)`` matrix."""
+
+    def __init__(self, gm: GaussianMixture, *, precise: bool = False) -> None:
+        super().__init__(gm, precise=precise)
+        d, k = self.dim, self.num_components
+        m = gm.loc - self.center.unsqueeze(-2)  # (*b, K, D)
+        tril = gm.tril()
+        eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
+        linv = torch.linalg.solve_triangular(tril, eye, upper=False)  # (*b, K, D, D)
+        self.whiten = linv.reshape(*linv.shape[:-3], k * d, d).transpose(-1, -2).contiguous()
+        self.shift = (linv @ m.unsqueeze(-1)).squeeze(-1)  # (*b, K, D)
+        self.const = -tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * d * _LOG_2PI
+        self.row_width = k * d
+
+    def params(self, bt: Optional[torch.Size]) -> tuple[Tensor, ...]:
+        k, d = self.num_components, self.dim
+        return (
+            _groups(self.whiten, bt, (d, k * d)),
+            _groups(self.shift, bt, (k, d)),
+            _groups(self.const, bt, (k,)),
+        )
+
+    def score_chunk(
+        self, chunk: Tensor, params: tuple[Tensor, ...], bt: Optional[torch.Size]
+    ) -> Tensor:
+        mat, shift, const = params
+        z = (chunk @ mat).unflatten(-1, (self.num_components, self.dim)) - shift.unsqueeze(-3)
+        return const.unsqueeze(-2) - 0.5 * z.square().sum(-1)  # (G, c, K)
+
+
+def gaussian_scorer(gm: GaussianMixture, *, precise: bool = False) -> GaussianScorer:
+    """The scorer for ``gm``'s strategy: scalar, diagonal (GEMM) or whitened full covariance."""
+    if gm.scale_diag is None:
+        return WhitenedScorer(gm, precise=precise)
+    if gm.dim == 1:
+        return ScalarScorer(gm, precise=precise)
+    return DiagonalScorer(gm, precise=precise)
 
 
 def logsumexp_last(x: Tensor) -> Tensor:
@@ -231,33 +299,6 @@ def logsumexp_last(x: Tensor) -> Tensor:
     # exp out of the subnormal range, which is ten times slower on CPUs.
     floor = -80.0 if x.dtype.itemsize < 8 else -700.0
     return (x - m).clamp_min(floor).exp().sum(-1).log() + m.squeeze(-1)
-
-
-def _squeeze_batch(sc: GaussianScorer, nb: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Parameters of a one-element batch as a group of size 1."""
-    k, d = sc.num_components, sc.dim
-    if sc.direct is not None:
-        loc, inv_scale, log_norm = (t.reshape(1, k) for t in sc.direct)
-        return loc, inv_scale, log_norm
-    const = sc.const.reshape(1, k)
-    if sc.weight is not None:
-        return sc.weight.reshape(1, 2 * d, k), const, const
-    assert sc.whiten is not None and sc.shift is not None
-    return sc.whiten.reshape(1, d, k * d), sc.shift.reshape(1, k, d), const
-
-
-def _expand_batch(sc: GaussianScorer, bt: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
-    """Parameters broadcast to the batch ``bt`` and flattened into groups."""
-    k, d = sc.num_components, sc.dim
-    if sc.direct is not None:
-        loc, inv_scale, log_norm = (t.expand(*bt, k).reshape(-1, k) for t in sc.direct)
-        return loc, inv_scale, log_norm
-    const = sc.const.expand(*bt, k).reshape(-1, k)
-    if sc.weight is not None:
-        return sc.weight.expand(*bt, 2 * d, k).reshape(-1, 2 * d, k), const, const
-    assert sc.whiten is not None and sc.shift is not None
-    mat = sc.whiten.expand(*bt, d, k * d).reshape(-1, d, k * d)
-    return mat, sc.shift.expand(*bt, k, d).reshape(-1, k, d), const
 
 
 def mixture_log_prob(mixture: Distribution, x: Tensor) -> Tensor:
@@ -299,4 +340,4 @@ def mixture_log_prob(mixture: Distribution, x: Tensor) -> Tensor:
         raise ValueError(
             f"x must end with the event shape {tuple(event)}, got shape {tuple(x.shape)}."
         )
-    return GaussianScorer(as_gaussian_mixture(mixture)).log_prob(x)
+    return gaussian_scorer(as_gaussian_mixture(mixture)).log_prob(x)

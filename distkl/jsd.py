@@ -33,7 +33,6 @@ others raise ``NotImplementedError`` listing the supported families.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -48,21 +47,18 @@ from torch.distributions import (
     OneHotCategorical,
 )
 
+from distkl._categorical import is_categorical_family, js_categorical_family
 from distkl._checks import (
-    batch_shape_of,
     check_same_event_shape,
-    check_skew,
     describe,
     unsupported,
 )
-from distkl._gaussian import as_gaussian_mixture, is_gaussian_family
+from distkl._gaussian import is_gaussian_family
+from distkl._logspace import clamp_to_js_range, js_from_log_probs
 from distkl._options import get_options
-from distkl.density import GaussianScorer
-from distkl.functional import _clamp_range, _log_ratio_to_mix, js_from_log_probs
-from distkl.montecarlo import Estimate, expectation
+from distkl.montecarlo import jsd_mc
 from distkl.quadrature import jsd_quadrature
 from distkl.registry import register_jsd
-from distkl.rules.categorical import categorical_log_probs, is_categorical_family
 
 __all__ = ["jsd_mc", "js_from_log_probs", "SUPPORTED"]
 
@@ -92,176 +88,17 @@ _NEG_INF = -math.inf
 
 
 # --------------------------------------------------------------------------------------------
-# Per-point bounded terms shared by Monte Carlo and quadrature.
-
-
-def _bounded_terms(log_p: Tensor, log_q: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    r"""Per-point terms ``(u, v)`` in ``[0, -log alpha]`` and ``[0, -log(1-alpha)]``.
-
-    With the posterior :math:`\pi(x) = \alpha p(x) / m(x)` that ``x`` came from ``p``,
-    :math:`L(\pi) = -\pi\log\alpha - (1-\pi)\log(1-\alpha)` and
-    :math:`\rho = \mathrm{kl}(\pi \| \alpha) / L(\pi) = 1 - H_b(\pi)/L(\pi) \in [0, 1]`,
-
-    .. math::
-        u = -\log\alpha\;\rho(\pi), \qquad v = -\log(1-\alpha)\;\rho(\pi),
-        \qquad \alpha\,\mathbb{E}_p[u] + (1-\alpha)\,\mathbb{E}_q[v] = \mathrm{JS}_\alpha(p, q),
-
-    because :math:`\pi u + (1-\pi) v = \mathrm{kl}(\pi \| \alpha)` and
-    :math:`\mathbb{E}_m[\mathrm{kl}(\pi\|\alpha)] = \mathrm{JS}_\alpha`. At ``alpha = 1/2``,
-    ``u = v = log 2 - H_b(pi)``. The Bernoulli KL is evaluated from
-    :math:`\delta = \log p - \log q` as
-    :math:`\pi \log\frac{\pi}{\alpha} + (1-\pi)\log\frac{1-\pi}{1-\alpha}` with
-    :math:`\log\frac{\pi}{\alpha} = -\log(1 + (1-\alpha)(e^{-\delta} - 1))` and
-    :math:`\log\frac{1-\pi}{1-\alpha} = -\log(1 + \alpha(e^{\delta} - 1))`, so it is exactly 0
-    where ``p(x) = q(x)`` (``p = q`` gives exactly 0) and accurate near it.
-    """
-    # |delta| > 1e4 changes nothing visible (pi is 0 or 1 to any precision); +-inf (a point
-    # outside one support) would give 0 * inf.
-    delta = (log_p - log_q).clamp(-1e4, 1e4)
-    pi = torch.sigmoid(math.log(alpha) - math.log1p(-alpha) + delta)
-    kl = pi * _log_ratio_to_mix(-delta, 1.0 - alpha) + (1.0 - pi) * _log_ratio_to_mix(delta, alpha)
-    cross = -(pi * math.log(alpha) + (1.0 - pi) * math.log1p(-alpha))  # L(pi) >= kl(pi || alpha)
-    rho = (kl / cross).clamp(0.0, 1.0)
-    return -math.log(alpha) * rho, -math.log1p(-alpha) * rho
-
-
-# --------------------------------------------------------------------------------------------
-# Monte Carlo.
-
-
-def _log_density(d: Distribution) -> Callable[[Tensor], Tensor]:
-    """``d``'s log-density as a function of ``x (n, *batch, *event)``; GEMM-based for Gaussians."""
-    if is_gaussian_family(d):
-        return GaussianScorer(as_gaussian_mixture(d)).log_prob
-    return d.log_prob
-
-
-def jsd_mc(
-    p: Distribution,
-    q: Distribution,
-    *,
-    skew: float = 0.5,
-    num_samples: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-) -> Estimate:
-    r"""Monte Carlo estimate of JS_alpha(p, q) in nats with its standard error, in [0, H(alpha)].
-
-    Samples come from both ``p`` and ``q`` (``num_samples`` each), and each point's term depends
-    only on :math:`\pi(x) = \alpha p(x) / m(x)`, the posterior probability that ``x`` came from
-    ``p``:
-
-    .. math::
-        \widehat{\mathrm{JS}}_\alpha = \frac{\alpha}{n}\sum_{x_i \sim p} u(\pi(x_i))
-        + \frac{1-\alpha}{n}\sum_{y_j \sim q} v(\pi(y_j)),\quad
-        u = -\log\alpha\,\rho,\; v = -\log(1-\alpha)\,\rho,\;
-        \rho = 1 - \frac{H_b(\pi)}{-\pi\log\alpha - (1-\pi)\log(1-\alpha)}
-
-    It is unbiased (:math:`\pi u + (1-\pi) v = \mathrm{kl}(\pi \| \alpha)` and
-    :math:`\mathbb{E}_m[\mathrm{kl}(\pi\|\alpha)] = \mathrm{JS}_\alpha`), and since
-    :math:`\rho \in [0, 1]` every estimate, even from a handful of samples, lies in
-    :math:`[0, \alpha(-\log\alpha) + (1-\alpha)(-\log(1-\alpha))] = [0, H(\alpha)]`, with no
-    clamping; it is exactly 0 when ``p = q``. At ``alpha = 1/2`` the terms are
-    :math:`\log 2 - H_b(\pi)`, the "discriminator" form of the JSD; against averaging
-    :math:`\log(p/m)` and :math:`\log(q/m)` it cuts the variance several-fold
-    (``benchmarks/bench_jsd_mc.py``).
-
-    Both expectations run on :func:`distkl.montecarlo.expectation` without control variates
-    (which could leave the range): stratified over mixture components with proportional
-    allocation (at least 2 per component), chunked, reparameterized for Gaussian families
-    (pathwise gradients, exact ones for the mixture weights) and any ``rsample`` family, with a
-    score-function term otherwise. ``p`` and ``q`` need ``log_prob`` on each other's samples.
-
-    Source: Lin (1991), IEEE Trans. Inf. Theory 37(1) for the divergence; the posterior form
-    :math:`\mathrm{JS}_{1/2} = \log 2 - \mathbb{E}_m[H_b(\pi)]` is that of Goodfellow et al.
-    (2014), "Generative adversarial nets", Theorem 1.
-
-    Args:
-        p: the first distribution.
-        q: the second distribution, with the same event shape and a batch shape that
-            broadcasts with ``p``'s.
-        skew: ``alpha`` in (0, 1), the weight of ``p`` in ``m``.
-        num_samples: draws from each of ``p`` and ``q`` per batch element (default: the
-            :func:`distkl.options` value).
-        generator: :class:`torch.Generator` on the parameters' device, for reproducibility
-            (default: the options' generator, else torch's global one).
-
-    Returns:
-        :class:`~distkl.montecarlo.Estimate` whose ``value`` and ``stderr`` (detached) have shape
-        ``broadcast_shapes(p.batch_shape, q.batch_shape)``; its ``num_samples`` counts the draws
-        from ``p`` and ``q`` together (``2 * num_samples``).
-
-    Raises:
-        ValueError: bad ``skew`` or ``num_samples`` (fewer than 2 per mixture component),
-            different event shapes, batch shapes that do not broadcast.
-        TypeError: ``generator`` is not a :class:`torch.Generator`.
-    """
-    alpha = check_skew(skew)
-    opts = get_options()
-    n = opts.num_samples if num_samples is None else num_samples
-    gen = opts.generator if generator is None else generator
-    check_same_event_shape(p, q)
-    batch_shape = batch_shape_of(p, q)
-    log_p, log_q = _log_density(p), _log_density(q)
-
-    def u(x: Tensor) -> Tensor:
-        return _bounded_terms(log_p(x), log_q(x), alpha)[0]
-
-    def v(x: Tensor) -> Tensor:
-        return _bounded_terms(log_p(x), log_q(x), alpha)[1]
-
-    e_p, e_q = (
-        expectation(
-            d,
-            f,
-            num_samples=n,
-            generator=gen,
-            chunk_size=opts.chunk_size,
-            batch_shape=batch_shape,
-            control_variates=False,
-        )
-        for d, f in ((p, u), (q, v))
-    )
-    value = alpha * e_p.value + (1.0 - alpha) * e_q.value
-    var = alpha**2 * e_p.stderr.square() + (1.0 - alpha) ** 2 * e_q.stderr.square()
-    # The value is a convex combination of terms in [0, H(alpha)]: the clamp only removes
-    # rounding excursions.
-    return Estimate(_clamp_range(value, alpha), var.sqrt(), e_p.num_samples + e_q.num_samples)
-
-
-# --------------------------------------------------------------------------------------------
 # Quadrature for 1-D events: distkl.quadrature.jsd_quadrature (composite Gauss-Legendre).
 
 
 def _quadrature(p: Distribution, q: Distribution, alpha: float, nodes: int) -> Tensor:
-    return _clamp_range(jsd_quadrature(p, q, skew=alpha, nodes=nodes), alpha)
+    return clamp_to_js_range(jsd_quadrature(p, q, skew=alpha, nodes=nodes), alpha)
 
 
 # --------------------------------------------------------------------------------------------
 # Registered rules.
 
 _MULTIVARIATE_TYPES = (Independent, MultivariateNormal, LowRankMultivariateNormal)
-
-
-@register_jsd(Categorical, Categorical, kind="exact")
-@register_jsd(OneHotCategorical, OneHotCategorical, kind="exact")
-@register_jsd(Categorical, OneHotCategorical, kind="exact")
-@register_jsd(OneHotCategorical, Categorical, kind="exact")
-def _jsd_categorical(p: Distribution, q: Distribution, alpha: float) -> Tensor:
-    r"""JS_alpha(p, q) in nats of two categoricals (indices or one-hot), exact.
-
-    .. math::
-        \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m),
-        \quad m = \alpha p + (1-\alpha) q
-
-    Computed by :func:`js_from_log_probs` from the parameter each was built with (zeros exact).
-
-    Source: Lin (1991), IEEE Trans. Inf. Theory 37(1), eq. (4.1).
-
-    Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
-    """
-    batch_shape_of(p, q)
-    return js_from_log_probs(categorical_log_probs(p), categorical_log_probs(q), skew=alpha)
 
 
 def _jsd_gaussian(p: Distribution, q: Distribution, alpha: float) -> Tensor:
@@ -327,7 +164,8 @@ def _jsd_mixture(p: Distribution, q: Distribution, alpha: float) -> Tensor:
 
     Mixtures of categoricals collapse to one categorical,
     :math:`\log p(k) = \operatorname{logsumexp}_j(\log w_j + \log p_j(k))`, and the JSD is
-    exact (:func:`_jsd_categorical`); Gaussian mixtures are estimated by the method in force
+    exact (:func:`distkl._categorical.js_categorical_family`); Gaussian mixtures are estimated
+    by the method in force
     (:func:`_jsd_gaussian`).
 
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1).
@@ -340,7 +178,7 @@ def _jsd_mixture(p: Distribution, q: Distribution, alpha: float) -> Tensor:
             listing :data:`SUPPORTED`.
     """
     if is_categorical_family(p) and is_categorical_family(q):
-        return _jsd_categorical(p, q, alpha)
+        return js_categorical_family(p, q, alpha)
     if is_gaussian_family(p) and is_gaussian_family(q):
         return _jsd_gaussian(p, q, alpha)
     for role, d in (("p", p), ("q", q)):

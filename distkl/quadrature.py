@@ -334,7 +334,7 @@ def jsd_quadrature(
     :math:`\alpha p \log\frac{p}{m} + (1-\alpha) q \log\frac{q}{m} = m\,\mathrm{kl}(\pi\|\alpha)`.
     """
     from distkl._checks import check_skew
-    from distkl.registry import binary_entropy
+    from distkl._logspace import binary_entropy
 
     alpha = check_skew(skew)
     nodes = check_positive_int("nodes", nodes)

@@ -24,9 +24,8 @@ from torch.distributions import (
     kl_divergence,
 )
 
-from distkl._gaussian import as_gaussian_mixture
-from distkl.approx import mixture_log_density
-from distkl.bounds import KLBounds, _all_bounds, _to64, kl_bounds
+from distkl._gaussian import as_gaussian_mixture, mixture_log_density, to_float64
+from distkl.bounds import KLBounds, _all_bounds, kl_bounds
 from distkl.quadrature import kl_quadrature
 from tests.conftest import F64, Z
 from tests.examples import by_family, params
@@ -41,8 +40,8 @@ def mc_reference(
     shape = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
     mp = as_gaussian_mixture(p).expand(shape)
     mq = as_gaussian_mixture(q).expand(shape)
-    mp = _to64(mp)
-    mq = _to64(mq)
+    mp = to_float64(mp)
+    mq = to_float64(mq)
     g = torch.Generator().manual_seed(seed)
     half = per_component // 2
     eps = torch.randn(half, *mp.loc.shape, generator=g, dtype=F64)
@@ -157,7 +156,7 @@ def test_every_general_bound_is_valid_in_1d(pair):
     p, q = pair
     ref = kl_quadrature(p, q, nodes=256).item()
     lowers, uppers = _all_bounds(
-        _to64(as_gaussian_mixture(p)), _to64(as_gaussian_mixture(q)), cells=False
+        to_float64(as_gaussian_mixture(p)), to_float64(as_gaussian_mixture(q)), cells=False
     )
     slack = SLACK * ref + 1e-14
     for i, low in enumerate(lowers):

@@ -236,9 +236,8 @@ def test_invalid_options_are_refused():
     with pytest.raises(TypeError, match="generator"):
         distkl.options(generator=0)
     p, q = by_family("mixture")[4].build("cpu", torch.float64)
-    with distkl.options(method="mc", num_samples=3):
-        with pytest.raises(ValueError, match="at least 2 per mixture component"):
-            kl_divergence(p, q)
+    with distkl.options(method="mc", num_samples=3):  # fewer than 2 per component: accepted
+        assert kl_divergence(p, q).isfinite().all()
 
 
 @pytest.mark.parametrize("method", ["variational", "unscented"])

@@ -23,7 +23,8 @@ from torch.distributions import (
 )
 
 from distkl import montecarlo
-from distkl.montecarlo import MIN_FOLD_FOR_CONTROLS, expectation, kl_mc
+from distkl.montecarlo import _samplers, _strata, expectation, kl_mc
+from distkl.montecarlo._strata import MIN_FOLD_FOR_CONTROLS, Strata
 from tests.examples import by_family, params
 
 SEED = 1234
@@ -31,15 +32,15 @@ SEED = 1234
 
 def _general(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the general path: controls built and fitted, mixture-style strata for any ``p``."""
-    monkeypatch.setattr(montecarlo._Strata, "can_fit_controls", lambda self: True)
-    make = montecarlo._make_sampler
+    monkeypatch.setattr(_strata.Strata, "can_fit_controls", lambda self: True)
+    make = _samplers.make_sampler
 
     def general_sampler(p, batch_shape=None):  # type: ignore[no-untyped-def]
         sampler = make(p, batch_shape)
         sampler.single = False
         return sampler
 
-    monkeypatch.setattr(montecarlo, "_make_sampler", general_sampler)
+    monkeypatch.setattr(montecarlo, "make_sampler", general_sampler)
 
 
 def _gen(device: torch.device) -> torch.Generator:
@@ -61,6 +62,8 @@ CONFIGS = [(16, None), (40, 7), (2 * MIN_FOLD_FOR_CONTROLS - 1, None)]
 @pytest.mark.parametrize("ex", params(by_family("mixture")))
 @pytest.mark.parametrize("reverse", [False, True], ids=["pq", "qp"])
 def test_kl_mc_fast_path_bit_identical(ex, reverse, device, dtype, monkeypatch):
+    # The stratified engine's paths (one Gaussian p would take distkl._pathwise otherwise).
+    monkeypatch.setattr(montecarlo, "pathwise_applies", lambda p, q, n: False)
     p, q = ex.build(device, dtype)
     if reverse:
         p, q = q, p
@@ -68,13 +71,13 @@ def test_kl_mc_fast_path_bit_identical(ex, reverse, device, dtype, monkeypatch):
     with monkeypatch.context() as m:
         _general(m)
         calls: list[int] = []
-        noise_controls = montecarlo._noise_controls
+        noise_controls = _samplers.noise_controls
 
         def spy(eps: torch.Tensor) -> torch.Tensor:
             calls.append(1)
             return noise_controls(eps)
 
-        m.setattr(montecarlo, "_noise_controls", spy)
+        m.setattr(_samplers, "noise_controls", spy)
         slow = [
             kl_mc(p, q, num_samples=n, chunk_size=c, generator=_gen(device)) for n, c in CONFIGS
         ]
@@ -173,8 +176,8 @@ def test_controls_still_switch_on_for_large_strata(device):
     "n,expected", [(2 * MIN_FOLD_FOR_CONTROLS - 1, False), (2 * MIN_FOLD_FOR_CONTROLS, True)]
 )
 def test_can_fit_controls_threshold(n, expected):
-    single = montecarlo._Strata(torch.zeros(4, 1), n, single=True)
-    general = montecarlo._Strata(torch.zeros(4, 1), n)
+    single = Strata(torch.zeros(4, 1), n, single=True)
+    general = Strata(torch.zeros(4, 1), n)
     assert single.can_fit_controls() is expected
     assert general.can_fit_controls() is expected
     assert torch.equal(single.counts, general.counts)

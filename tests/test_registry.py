@@ -20,7 +20,20 @@ from torch.distributions import (
 from torch.distributions import kl as torch_kl
 
 import distkl
-from distkl.registry import RuleInfo, kl_rules, register_kl
+from distkl.registry import (
+    PerCallKind,
+    RuleInfo,
+    kl_rules,
+    lookup_jsd,
+    lookup_kl,
+    preserved_registries,
+    register_jsd,
+    register_kl,
+    registered_jsd,
+    registered_kl,
+    skipped_kl_rules,
+)
+from distkl.rules.categorical import kl_categorical_mixture_pair
 from tests.examples import EXAMPLES, params
 
 
@@ -64,17 +77,6 @@ def test_torch_registry_unchanged_by_import():
     assert same == "True"
 
 
-def test_import_does_not_import_sympy():
-    out = _run(
-        """
-        import sys
-        import distkl
-        print("sympy" in sys.modules)
-        """
-    )
-    assert out.strip() == "False"
-
-
 def test_every_distkl_rule_is_in_torch_registry():
     rules = kl_rules()
     assert rules, "distkl registered no KL rule"
@@ -82,6 +84,7 @@ def test_every_distkl_rule_is_in_torch_registry():
         assert isinstance(rule, RuleInfo)
         assert torch_kl._KL_REGISTRY[rule.type_p, rule.type_q] is rule.fn
         assert rule.kind in ("exact", "estimate")
+        assert rule.kind_summary.startswith(("exact", "estimate"))
         assert rule.module.startswith("distkl.")
 
 
@@ -121,6 +124,7 @@ def test_register_rejects_unknown_kind():
 
     with pytest.raises(ValueError, match="kind must be one of"):
         register_kl(_P, _P, kind="approximate")
+    assert lookup_kl(_P, _P) == (None, None)
 
 
 def test_reimporting_rule_modules_is_harmless():
@@ -188,6 +192,37 @@ def test_pyro_answers_unchanged():
     assert out.split() == ["True", "True"]
 
 
+def test_pyro_after_distkl_is_what_the_listing_names():
+    """`import distkl; import pyro`: Pyro replaces distkl's (Independent, MVN) rule, and
+    `kl_rules()`, `skipped_kl_rules()`, `lookup_kl` and `distkl list` say so (issue 11.10)."""
+    _skip_without_pyro()
+    out = _run(
+        """
+        import contextlib, io
+        import distkl
+        import pyro.distributions.kl as pyro_kl
+        from torch.distributions import Independent, MultivariateNormal
+        from distkl.cli import main
+        from distkl.registry import kl_rules, lookup_kl, skipped_kl_rules
+        fn, info = lookup_kl(Independent, MultivariateNormal)
+        listed = [r.name for r in kl_rules()]
+        skipped = [(r.name, r.fn is pyro_kl._kl_independent_mvn) for r in skipped_kl_rules()]
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            main(["list"])
+        lines = buf.getvalue().splitlines()
+        line = [l for l in lines if "Independent-MultivariateNormal" in l
+                or l.split()[:3] == ["KL", "Independent", "MultivariateNormal"]]
+        print(fn is pyro_kl._kl_independent_mvn, info is None,
+              "Independent-MultivariateNormal" in listed, skipped)
+        print(repr(line))
+        """
+    )
+    first, second = out.splitlines()
+    assert first == "True True False [('Independent-MultivariateNormal', True)]"
+    assert "pyro" in second and "distkl.rules.normal" not in second
+
+
 def test_pyro_first_then_distkl_keeps_pyros_rule():
     """Pyro registers (Independent, MultivariateNormal) itself: distkl skips that pair, quietly."""
     _skip_without_pyro()
@@ -209,3 +244,141 @@ def test_pyro_first_then_distkl_keeps_pyros_rule():
 def test_on_conflict_must_be_valid():
     with pytest.raises(ValueError, match="on_conflict must be 'raise' or 'skip'"):
         register_kl(Normal, Normal, on_conflict="overwrite")
+
+
+class _P(Normal):
+    """A pair no one has registered."""
+
+
+class _Q(Normal):
+    pass
+
+
+def _zero_kl(p, q):
+    return torch.zeros(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
+
+
+@pytest.mark.parametrize("ex", params(EXAMPLES))
+def test_lookup_kl_is_torchs_dispatch(ex):
+    """`lookup_kl` finds the function torch's own dispatch calls, for every example pair."""
+    p, q = ex.build()
+    fn, info = lookup_kl(type(p), type(q))
+    assert fn is torch_kl._dispatch_kl(type(p), type(q))
+    if info is not None:
+        assert info.fn is fn and issubclass(type(p), info.type_p)
+        assert issubclass(type(q), info.type_q)
+    assert (info is None) == (ex.family == "torch")
+
+
+def test_lookup_kl_for_subclasses_and_misses():
+    fn, info = lookup_kl(_P, _Q)  # subclasses of Normal: torch's Normal-Normal rule
+    assert fn is torch_kl._kl_normal_normal and info is None
+    assert lookup_kl(Distribution, Normal) == (None, None)
+
+
+def test_lookup_jsd_picks_the_most_specific_pair():
+    from torch.distributions import MixtureSameFamily, OneHotCategorical
+
+    fn, cat = lookup_jsd(MixtureSameFamily, OneHotCategorical)
+    _, mix = lookup_jsd(MixtureSameFamily, Normal)
+    assert cat is not None and mix is not None and fn is cat.fn
+    assert (cat.type_p, cat.type_q) == (MixtureSameFamily, OneHotCategorical)
+    assert cat.kind == "exact" and mix.kind == "estimate"
+    assert lookup_jsd(Distribution, Normal) == (None, None)
+
+
+def test_lookup_jsd_warns_on_ambiguity_like_torch():
+    class _A(Normal):
+        pass
+
+    class _B(Normal):
+        pass
+
+    def jsd(p, q, skew):
+        return torch.zeros(())
+
+    with registered_jsd(_A, Normal, jsd), registered_jsd(Normal, _B, lambda p, q, s: jsd(p, q, s)):
+        with pytest.warns(RuntimeWarning, match="Ambiguous js_divergence"):
+            lookup_jsd(_A, _B)
+
+
+def test_registered_kl_restores_torchs_table_and_memo_exactly():
+    table, memo = dict(torch_kl._KL_REGISTRY), dict(torch_kl._KL_MEMOIZE)
+    rules = kl_rules()
+    with registered_kl(_P, _Q, _zero_kl) as fn:
+        assert fn is _zero_kl
+        assert kl_divergence(_P(0.0, 1.0), _Q(1.0, 2.0)).item() == 0.0
+        assert lookup_kl(_P, _Q)[1].kind == "exact"  # type: ignore[union-attr]
+    assert torch_kl._KL_REGISTRY == table and all(
+        torch_kl._KL_REGISTRY[k] is f for k, f in table.items()
+    )
+    assert torch_kl._KL_MEMOIZE == memo  # the planted rule is not memoised for (_P, _Q)
+    assert kl_rules() == rules
+    assert kl_divergence(_P(0.0, 1.0), _Q(1.0, 2.0)).item() > 0  # torch's Normal rule again
+
+
+def test_registered_kl_refuses_a_pair_torch_has_and_changes_nothing():
+    table = dict(torch_kl._KL_REGISTRY)
+    with pytest.raises(ValueError, match="already registered"):
+        with registered_kl(Normal, Normal, _zero_kl):
+            pass  # pragma: no cover - never entered
+    assert torch_kl._KL_REGISTRY == table
+
+
+def test_registered_kl_restores_after_an_exception():
+    with pytest.raises(RuntimeError, match="inside"):
+        with registered_kl(_P, _Q, _zero_kl):
+            raise RuntimeError("inside")
+    assert lookup_kl(_P, _Q)[0] is torch_kl._kl_normal_normal
+
+
+def test_preserved_registries_undoes_every_registration():
+    jsd_before = {(r.type_p, r.type_q) for r in distkl.jsd_rules()}
+    with preserved_registries():
+        register_kl(_P, _Q)(_zero_kl)
+        register_jsd(_P, _Q)(lambda p, q, skew: torch.zeros(()))
+        assert lookup_jsd(_P, _Q)[1] is not None
+    _, info = lookup_jsd(_P, _Q)
+    assert info is not None and (info.type_p, info.type_q) == (Normal, Normal)
+    assert {(r.type_p, r.type_q) for r in distkl.jsd_rules()} == jsd_before
+    assert lookup_kl(_P, _Q)[1] is None
+
+
+def test_per_call_kind_labels_categorical_mixtures_exact():
+    """Issue 11.12: the kind describes what was computed for the actual components."""
+    from torch.distributions import MixtureSameFamily
+
+    def mix(components):
+        return MixtureSameFamily(Categorical(probs=torch.tensor([0.3, 0.7])), components)
+
+    cats = mix(Categorical(probs=torch.tensor([[0.2, 0.8], [0.5, 0.5]])))
+    cats2 = mix(Categorical(probs=torch.tensor([[0.6, 0.4], [0.1, 0.9]])))
+    gauss = mix(Normal(torch.tensor([0.0, 1.0]), 1.0))
+    fn, info = lookup_kl(MixtureSameFamily, MixtureSameFamily)
+    assert info is not None
+    assert info.kind_for(cats, cats2) == "exact"
+    assert info.kind_for(gauss, gauss) == "estimate"
+    assert info.kind == "estimate"  # at type level: some calls estimate
+    assert info.kind_summary == "exact for categorical components, estimate otherwise"
+    torch.testing.assert_close(fn(cats, cats2), kl_categorical_mixture_pair(cats, cats2))
+
+
+def test_per_call_kind_must_return_a_kind():
+    bad = PerCallKind(lambda p, q: "approximate", "never")
+    with registered_kl(_P, _Q, _zero_kl, kind=bad):
+        _, info = lookup_kl(_P, _Q)
+        assert info is not None and info.kind_summary == "never"
+        with pytest.raises(ValueError, match="returned 'approximate'"):
+            info.kind_for(_P(0.0, 1.0), _Q(0.0, 1.0))
+
+
+def test_skipped_rules_list_what_torch_dispatches_to():
+    """A distkl rule someone replaced after import is listed as skipped, not as distkl's."""
+    rule = next(r for r in kl_rules() if r.kind == "exact")
+    with preserved_registries():
+        torch_kl._KL_REGISTRY[rule.type_p, rule.type_q] = _zero_kl  # as a later library would
+        assert rule.name not in [r.name for r in kl_rules()]
+        skipped = {r.name: r for r in skipped_kl_rules()}
+        assert skipped[rule.name].fn is _zero_kl and skipped[rule.name].kind == "external"
+        assert lookup_kl(rule.type_p, rule.type_q) == (_zero_kl, None)
+    assert rule in kl_rules()

@@ -37,7 +37,7 @@ from torch.distributions import (
 from distkl._checks import batch_shape_of, check_same_event_shape, unsupported
 from distkl._gaussian import SUPPORTED_COMPONENTS, is_gaussian_family
 from distkl._options import get_options
-from distkl.registry import register_kl
+from distkl.registry import PerCallKind, register_kl
 
 __all__ = ["kl_gaussian_mixture"]
 
@@ -112,7 +112,17 @@ def kl_gaussian_mixture(p: Distribution, q: Distribution) -> Tensor:
     raise ValueError(f"Unknown method {method!r}.")  # unreachable: Options validates it
 
 
-@register_kl(MixtureSameFamily, MixtureSameFamily, kind="estimate", on_conflict="skip")
+def _mixture_pair_kind(p: Distribution, q: Distribution) -> str:
+    """Exact (closed form) for two categorical mixtures, else an estimate by the method in force."""
+    return "exact" if _is_categorical_mixture(p) and _is_categorical_mixture(q) else "estimate"
+
+
+_MIXTURE_KIND = PerCallKind(
+    _mixture_pair_kind, "exact for categorical components, estimate otherwise"
+)
+
+
+@register_kl(MixtureSameFamily, MixtureSameFamily, kind=_MIXTURE_KIND, on_conflict="skip")
 def _kl_mixture_mixture(p: MixtureSameFamily, q: MixtureSameFamily) -> Tensor:
     r"""KL(p || q) in nats between two mixtures: an estimate by the method in force.
 
@@ -123,7 +133,7 @@ def _kl_mixture_mixture(p: MixtureSameFamily, q: MixtureSameFamily) -> Tensor:
         Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
     """
     if _is_categorical_mixture(p) and _is_categorical_mixture(q):
-        from distkl.rules.categorical import kl_categorical_mixture_pair
+        from distkl._categorical import kl_categorical_mixture_pair
 
         return kl_categorical_mixture_pair(p, q)
     supported = [*_GAUSSIAN, *_CATEGORICAL]

@@ -26,6 +26,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, Callable, Optional, Union
 
 import sympy as sp
 import torch
+from sympy.printing.pytorch import torch_code
 from torch import Tensor
 from torch.distributions import (
     Categorical,
@@ -345,10 +347,73 @@ class Derivation:
         return sp.latex(self.expr)
 
     def pretty(self, width: Optional[int] = None) -> str:
-        """The formula as 2-D text, ``width`` columns (default: the terminal's, at least 100)."""
+        """The simplified formula as 2-D text if it fits `width` columns, else as one wrapped line.
+
+        `width` defaults to the terminal's (at most 100).
+        """
         if width is None:
-            width = max(100, shutil.get_terminal_size().columns)
-        return str(sp.pretty(self.expr, use_unicode=True, num_columns=width))
+            width = min(100, shutil.get_terminal_size().columns)
+        expr = self.simplified()
+        text = str(sp.pretty(expr, use_unicode=True, num_columns=10_000))
+        if max(len(line) for line in text.splitlines()) <= width:
+            return text
+        return "\n".join(textwrap.wrap(f"KL = {sp.sstr(expr)}", width, subsequent_indent="     "))
+
+    def simplified(self) -> sp.Expr:
+        """The expression with like factors collected and logs of parameters combined.
+
+        Equal to `expr` (`sympy.simplify` of the difference is 0); cheap, unlike `sp.simplify`.
+        """
+        if isinstance(self.expr, sp.Sum):
+            return self.expr
+        funcs = sorted(
+            (a for a in self.expr.atoms(sp.Function) if not isinstance(a, sp.log)), key=str
+        )
+        collected = sp.collect(self.expr, funcs) if funcs else self.expr
+        logs: list[sp.Expr] = []
+        rest: list[sp.Expr] = []
+        for term in sp.Add.make_args(collected):
+            _, factor = term.as_coeff_Mul()
+            plain = isinstance(factor, sp.log) and (
+                factor.args[0].is_Symbol or factor.args[0].is_number
+            )
+            (logs if plain else rest).append(term)
+        return sp.Add(*rest) + sp.logcombine(sp.Add(*logs), force=True)
+
+    def torch_source(self) -> str:
+        """Python source of a torch function for this pair, decorated with `register_kl`."""
+        expr = self.simplified()
+        summand = expr.function if isinstance(expr, sp.Sum) else None
+        body = summand if summand is not None else expr
+        if summand is not None:
+            body = body.xreplace({i: sp.Symbol(str(i.base.label)) for i in body.atoms(sp.Indexed)})
+        body = body.xreplace({s: sp.Symbol(s.name) for s in body.free_symbols})
+        body = body.replace(
+            lambda t: isinstance(t, sp.log) and isinstance(t.args[0], sp.gamma),
+            lambda t: sp.loggamma(t.args[0].args[0]),
+        )
+        code = torch_code(numeric_constants(body))
+        if summand is not None:
+            probs = sorted(n for n in self.args if self.args[n][0] == "p")[0]
+            code = f"torch.where({probs} > 0, {code}, 0.0).sum(-1)"
+        names = sorted(s.name for s in body.free_symbols)
+        unpack = [f"    {n} = {self.args[n][0]}.{self.args[n][1]}" for n in names]
+        p, q = self.p.cls, self.q.cls
+        return "\n".join(
+            [
+                "import torch",
+                *dict.fromkeys(f"from {c.__module__} import {c.__name__}" for c in (p, q)),
+                "from torch.distributions import register_kl",
+                "",
+                "",
+                f"@register_kl({p.__name__}, {q.__name__})",
+                f"def _kl_{self.p.name.lower()}_{self.q.name.lower()}(p, q):",
+                f'    """KL(p || q) in nats, derived by sympy (distkl derive {self.p.name} '
+                f'{self.q.name})."""',
+                *unpack,
+                f"    return {code}",
+            ]
+        )
 
     @functools.cached_property
     def _compiled(
