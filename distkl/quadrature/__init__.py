@@ -32,11 +32,23 @@ $$
 
 where $\mathrm{kl}$ is the KL divergence between Bernoulli distributions.
 
-**Accuracy** (float64, default 128 nodes; measured in ``tests/test_quadrature.py``):
-see ``ACCURACY`` below for the worst relative errors over seeded random pairs.
+**Accuracy** (float64, default 128 nodes; ``tests/test_quadrature.py``). Against
+``scipy.integrate.quad`` (relative tolerance 1e-12, breakpoints at every component and crossing)
+on 100 seeded random pairs (up to 4 components each, means $N(0, 3^2)$, scales log-uniform on
+[1e-3, 1e2]): worst relative error 1.2e-11 for KL and 1.9e-11 for JSD (before the crossing
+breakpoints: 13 of 100 above 1e-7). The hard cases against ``mpmath.quad`` at 30 digits stay
+below 1e-8. The tests assert 1e-9 on fresh seeded pairs.
 
-**Single Normal ``p``.** :func:`kl_normal_mixture` is the rule the registered KL rules use by
-default when ``p`` is one Normal (a Bayesian network's posterior against a scale-mixture prior).
+**Single Normal ``p``** (a Bayesian network's posterior against a scale-mixture prior):
+:func:`kl_quadrature` splits ``log q`` into its upper envelope, integrated in closed form, and
+a remainder that lives near the crossings, integrated by a composite rule with
+``ceil(nodes / 16)`` nodes per interval (see ``distkl/quadrature/_normal.py``). Against the
+512-node composite rule: worst relative error 1.1e-8 over 4 x 300 random pairs (K = 1..4,
+scales 1e-3..1e2) and 1.8e-11 on Blundell et al.'s prior (posterior scales 1e-5..1) with the
+default 128 nodes; with ``nodes=48``: 3.3e-6 on Blundell's prior, 4.4e-4 on random pairs.
+Cost: about 300 nodes per weight at the default, so a 10^6-weight network is far slower than a
+single-sample estimate (``benchmarks/bench_1d_network.py``); use ``method="mc"`` in a training
+loop where that matters.
 
 All functions here compile under ``torch.compile(fullgraph=True)``.
 """

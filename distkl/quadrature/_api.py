@@ -33,7 +33,10 @@ def kl_quadrature(p: Distribution, q: Distribution, *, nodes: int = 128) -> Tens
         \mathrm{KL}(p \| q) = \int p(x)\,\bigl(f(x) + e^{-f(x)} - 1\bigr)\,dx,
         \qquad f = \log p - \log q
 
-    Deterministic and differentiable. See the module docstring for the rule and its accuracy.
+    Deterministic and differentiable. When ``p`` is a single Normal, the upper envelope of
+    ``log q`` is integrated in closed form and only the remainder by quadrature
+    (``distkl/quadrature/_normal.py``). See the package docstring for the rules and their
+    measured accuracy.
 
     Args:
         p: the first distribution.
