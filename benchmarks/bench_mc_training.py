@@ -1,163 +1,214 @@
-"""Small-sample Monte Carlo KL inside a training loop: distkl against the naive snippet.
+"""Few-sample Monte Carlo KL inside a training loop: distkl against the naive snippet.
 
-A VAE step scores a batch of diagonal-Normal posteriors ``q(z|x)`` against a learnable mixture
-prior with a handful of samples. Timed in the same run, per call:
+A VAE step scores a batch of 128 diagonal-Normal posteriors against a learnable diagonal
+Gaussian-mixture prior. Per cell of the grid D in {2, 16, 64}, K in {8, 16}, n in {1, 4, 16},
+both directions, forward + backward (gradients into every parameter), it prints
 
-* ``naive``: ``z = q.rsample((n,)); (q.log_prob(z) - prior.log_prob(z)).mean(0)`` (``sample``
-  for the mixture in the reverse direction: torch's ``MixtureSameFamily`` has no ``rsample``, so
-  the naive gradient there misses the pathwise term);
-* ``kl_mc``: ``distkl.montecarlo.kl_mc(q, prior, num_samples=n).value``;
-* ``kl_divergence``: ``torch.distributions.kl_divergence(q, prior)`` under
-  ``distkl.options(method="mc", num_samples=n)`` (the registered mixture rule);
+* ``naive``: ms per step of ``z = q.rsample((n,)); (q.log_prob(z) - prior.log_prob(z)).mean(0)``
+  (the reverse direction samples the prior with ``sample``: torch's ``MixtureSameFamily`` has no
+  ``rsample``, so the naive gradient there misses the pathwise term);
+* ``rule/nv``: ``kl_divergence`` under ``distkl.options(method="mc", num_samples=n)`` (the
+  registered mixture rule; KL(posterior || prior) takes ``distkl._pathwise``, the reverse the
+  stratified engine), time over naive's;
+* ``shared/nv``: ``kl_mc(q, prior, samples=z)`` at the caller's ``z = q.rsample((n,))``, the
+  draw included in both timings (forward direction only);
+* ``var val``, ``var g_post``, ``var g_prior``: naive's variance over distkl's (the rule), of the
+  value and of the gradient with respect to the posterior's and the prior's parameters (summed
+  over coordinates, from ``--reps`` replicates): above 1 means distkl is less noisy.
 
-forward only (under ``torch.no_grad``) and forward + backward (gradients into every parameter),
-for the forward direction KL(posterior || prior) and the reverse one KL(prior || posterior).
-Ratios are distkl's time over the naive snippet's.
+Then the trained-VAE regime (posterior scales 0.1 against prior components of scale 1).
 
-Usage: ``python benchmarks/bench_mc_training.py [--device cuda] [--quick] [--samples 16]``.
+Timing: medians of interleaved repeats (distkl and naive alternate, so both see the same load).
+With one thread the clock is the thread's CPU time (``time.thread_time``), which a shared,
+loaded box disturbs much less than wall time; with two threads it is wall time.
+
+Usage: ``python benchmarks/bench_mc_training.py [--quick] [--threads 1 2] [--reps 64]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Callable
 
 import torch
-from torch.distributions import (
-    Categorical,
-    Independent,
-    MixtureSameFamily,
-    Normal,
-    kl_divergence,
-)
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal, kl_divergence
 
 import distkl
 from distkl.montecarlo import kl_mc
 
+Pair = tuple[Independent, MixtureSameFamily]
 
-def build(batch: int, d: int, k: int, device: str) -> tuple[list[torch.Tensor], Callable]:
+
+def build(d: int, k: int, post_scale: float, prior_scale: float, batch: int = 128):
+    """Leaves ``[post loc, post log-scale, logits, prior loc, prior log-scale]`` and a builder."""
     g = torch.Generator().manual_seed(0)
-    params = [
-        torch.randn(batch, d, generator=g),  # posterior loc
-        0.3 * torch.randn(batch, d, generator=g),  # posterior log-scale
-        torch.randn(k, generator=g),  # prior logits
-        2.0 * torch.randn(k, d, generator=g),  # prior loc
-        0.2 * torch.randn(k, d, generator=g),  # prior log-scale
+    wide = post_scale <= 0  # the generic grid: scales spread around 1
+    leaves = [
+        torch.randn(batch, d, generator=g),
+        0.3 * torch.randn(batch, d, generator=g) if wide else torch.full((batch, d), 0.0),
+        torch.randn(k, generator=g),
+        2.0 * torch.randn(k, d, generator=g) if wide else torch.randn(k, d, generator=g),
+        0.2 * torch.randn(k, d, generator=g) if wide else torch.zeros(k, d),
     ]
-    params = [t.to(device).requires_grad_() for t in params]
+    if not wide:
+        leaves[1] += torch.tensor(post_scale).log()
+        leaves[4] += torch.tensor(prior_scale).log()
+    leaves = [t.requires_grad_() for t in leaves]
 
-    def make() -> tuple[Independent, MixtureSameFamily]:
-        q_loc, q_ls, logits, p_loc, p_ls = params
+    def make() -> Pair:
+        q_loc, q_ls, logits, p_loc, p_ls = leaves
         post = Independent(Normal(q_loc, q_ls.exp()), 1)
-        prior = MixtureSameFamily(
-            Categorical(logits=logits), Independent(Normal(p_loc, p_ls.exp()), 1)
-        )
-        return post, prior
+        comp = Independent(Normal(p_loc, p_ls.exp()), 1)
+        return post, MixtureSameFamily(Categorical(logits=logits), comp)
 
-    return params, make
+    return leaves, make
 
 
-def timeit(fns: list[Callable[[], None]], repeat: int, device: str) -> list[float]:
-    """Fastest seconds per call of each function, calls interleaved round by round.
+def naive(post, prior, n: int, reverse: bool) -> torch.Tensor:
+    if reverse:  # the mixture has no rsample: one set of prior samples shared by the batch
+        z = prior.sample((n,)).unsqueeze(-2)
+        return (prior.log_prob(z) - post.log_prob(z)).mean(0)
+    z = post.rsample((n,))
+    return (post.log_prob(z) - prior.log_prob(z)).mean(0)
 
-    Interleaving exposes every function to the same background load; the minimum over the rounds
-    is the least disturbed measurement.
-    """
+
+def rule(post, prior, n: int, reverse: bool) -> torch.Tensor:
+    with distkl.options(method="mc", num_samples=n):
+        return kl_divergence(prior, post) if reverse else kl_divergence(post, prior)
+
+
+def shared(post, prior, n: int, reverse: bool) -> torch.Tensor:
+    z = post.rsample((n,))  # drawn for the reconstruction term in a real step
+    return kl_mc(post, prior, samples=z).value
+
+
+def naive_shared(post, prior, n: int, reverse: bool) -> torch.Tensor:
+    z = post.rsample((n,))
+    return (post.log_prob(z) - prior.log_prob(z)).mean(0)
+
+
+def step(fn, leaves, make, n: int, reverse: bool) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        for t in leaves:
+            t.grad = None
+        v = fn(*make(), n, reverse)
+        v.sum().backward()
+        return v
+
+    return run
+
+
+def median_times(fns: list[Callable[[], torch.Tensor]], repeat: int) -> list[float]:
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     for fn in fns:
         for _ in range(3):
             fn()
-    best = [float("inf")] * len(fns)
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
         for i, fn in enumerate(fns):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+            times[i].append(clock() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def variances(fn, leaves, make, n: int, reverse: bool, reps: int) -> tuple[float, float, float]:
+    """Summed variances over replicates: value, gradient w.r.t. posterior and prior leaves."""
+    vals, gpost, gprior = [], [], []
+    run = step(fn, leaves, make, n, reverse)
+    for _ in range(reps):
+        v = run()
+        vals.append(v.detach())
+        gpost.append(torch.cat([t.grad.flatten() for t in leaves[:2]]))
+        gprior.append(torch.cat([t.grad.flatten() for t in leaves[2:]]))
+    return tuple(torch.stack(x).double().var(0).sum().item() for x in (vals, gpost, gprior))
+
+
+def cell(d, k, n, reverse, leaves, make, repeat, reps, want_var) -> list[float]:
+    fns = [step(naive, leaves, make, n, reverse), step(rule, leaves, make, n, reverse)]
+    if not reverse:
+        fns += [
+            step(naive_shared, leaves, make, n, reverse),
+            step(shared, leaves, make, n, reverse),
+        ]
+    t = median_times(fns, repeat)
+    shared_ratio = t[3] / t[2] if not reverse else float("nan")
+    out = [1e3 * t[0], t[1] / t[0], shared_ratio]
+    if want_var:
+        a = variances(naive, leaves, make, n, reverse, reps)
+        b = variances(rule, leaves, make, n, reverse, reps)
+        out += [x / y if y > 0 else float("inf") for x, y in zip(a, b)]
+    return out
+
+
+HEADER = (
+    f"{'dir':<11}{'thr':>4}{'D':>4}{'K':>4}{'n':>4}{'naive ms':>10}{'rule/nv':>9}"
+    f"{'shared/nv':>10}{'var val':>9}{'var g_post':>11}{'var g_prior':>12}"
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, D=2 only")
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--components", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="D=16 only, fewer repeats")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reps", type=int, default=64, help="replicates for the variances")
     args = parser.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    n, batch, k, device = args.samples, args.batch, args.components, args.device
-    repeat = 20 if args.quick else 60
-    dims = [2] if args.quick else [2, 16]
+    repeat = 15 if args.quick else 31
+    dims = [16] if args.quick else [2, 16, 64]
     torch.manual_seed(0)
+    print(f"torch={torch.__version__}; batch 128; ms per fwd+bwd step (median); ratios vs naive")
+    print(HEADER)
+    ratios: list[float] = []
+    variance_cache: dict[tuple, list[float]] = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for reverse in (False, True):
+            for d in dims:
+                for k in (8, 16):
+                    leaves, make = build(d, k, 0.0, 0.0)
+                    for n in (1, 4, 16):
+                        key = (reverse, d, k, n)
+                        row = cell(
+                            d,
+                            k,
+                            n,
+                            reverse,
+                            leaves,
+                            make,
+                            repeat,
+                            args.reps,
+                            key not in variance_cache,
+                        )
+                        if key not in variance_cache:
+                            variance_cache[key] = row[3:]
+                        row = row[:3] + variance_cache[key]
+                        ratios.append(row[1])
+                        name = "prior||post" if reverse else "post||prior"
+                        print(
+                            f"{name:<11}{threads:>4}{d:>4}{k:>4}{n:>4}"
+                            + "".join(
+                                f"{x:>10.3f}" if i == 0 else f"{x:>10.2f}"
+                                for i, x in enumerate(row)
+                            ),
+                            flush=True,
+                        )
     print(
-        f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"num_samples={n} posterior batch={batch} K={k}; fastest ms per call, ratio vs naive"
+        f"rule/naive time: median {statistics.median(ratios):.2f}, max {max(ratios):.2f} "
+        f"over {len(ratios)} cells"
     )
-    header = f"{'direction':<28}{'D':>3} {'mode':<9}{'naive':>9}{'kl_mc':>9}{'kl_div':>9}"
-    print(header + f"{'kl_mc/naive':>13}{'kl_div/naive':>14}")
-    for d in dims:
-        params, make = build(batch, d, k, device)
-        for direction in ("KL(posterior || prior)", "KL(prior || posterior)"):
-            reverse = direction.startswith("KL(prior")
-            for mode in ("forward", "fwd+bwd"):
-                fns = (naive, mc, registered)
-                calls = [_call(fn, params, make, reverse, n, mode) for fn in fns]
-                row = timeit(calls, repeat, device)
-                base = row[0]
-                print(
-                    f"{direction:<28}{d:>3} {mode:<9}"
-                    + "".join(f"{1e3 * t:>9.3f}" for t in row)
-                    + f"{row[1] / base:>13.2f}{row[2] / base:>14.2f}"
-                )
-
-
-Pair = tuple[torch.distributions.Distribution, torch.distributions.Distribution]
-
-
-def naive(p: torch.distributions.Distribution, q: torch.distributions.Distribution, n: int):
-    if p.has_rsample:
-        z = p.rsample((n,))
-    else:  # the mixture prior: one set of samples shared by the batch, as kl_mc does
-        z = p.sample((n,)).unsqueeze(-2)
-    return (p.log_prob(z) - q.log_prob(z)).mean(0)
-
-
-def mc(p: torch.distributions.Distribution, q: torch.distributions.Distribution, n: int):
-    return kl_mc(p, q, num_samples=n).value
-
-
-def registered(p: torch.distributions.Distribution, q: torch.distributions.Distribution, n: int):
-    with distkl.options(method="mc", num_samples=n):
-        return kl_divergence(p, q)
-
-
-def _call(
-    fn: Callable[..., torch.Tensor],
-    params: list[torch.Tensor],
-    make: Callable[[], Pair],
-    reverse: bool,
-    n: int,
-    mode: str,
-) -> Callable[[], None]:
-    def pair() -> Pair:
-        post, prior = make()
-        return (prior, post) if reverse else (post, prior)
-
-    def forward() -> None:
-        with torch.no_grad():
-            fn(*pair(), n)
-
-    def backward() -> None:
-        for t in params:
-            t.grad = None
-        fn(*pair(), n).sum().backward()
-
-    return forward if mode == "forward" else backward
+    torch.set_num_threads(1)
+    print("\ntrained-VAE regime: posterior scales 0.1, prior components scale 1, D=16, K=8")
+    print(HEADER)
+    leaves, make = build(16, 8, 0.1, 1.0)
+    for n in (1, 2, 4, 16):
+        row = cell(16, 8, n, False, leaves, make, repeat, args.reps, True)
+        print(
+            f"{'post||prior':<11}{1:>4}{16:>4}{8:>4}{n:>4}"
+            + "".join(f"{x:>10.3f}" if i == 0 else f"{x:>10.2f}" for i, x in enumerate(row)),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ The user surface on raw logits/probabilities is `distkl.functional`; the categor
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -51,8 +52,10 @@ def binary_entropy(alpha: float) -> float:
     return -(alpha * math.log(alpha) + (1.0 - alpha) * math.log1p(-alpha))
 
 
+@functools.lru_cache(maxsize=256)
 def _largest_at_most(value: float, dtype: torch.dtype) -> float:
-    """The largest number representable in ``dtype`` that is ``<= value``."""
+    """The largest number representable in ``dtype`` that is ``<= value`` (cached: no tensor work
+    per call)."""
     t = torch.tensor(value, dtype=dtype)
     if t.item() > value:
         t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
@@ -173,7 +176,10 @@ def log_ratio_to_mix(d: Tensor, beta: float) -> Tensor:
     small = ~(d > 1.0)  # NaN takes the first branch, which keeps it
     r_small = -torch.log1p(beta * torch.expm1(torch.where(small, d, 0.0)))
     d_big = torch.where(small, 1.0, d)
-    r_big = -torch.logaddexp(torch.full_like(d_big, math.log1p(-beta)), math.log(beta) + d_big)
+    # beta = 1 - alpha rounds to 1 (or 0) for a skew below 1.1e-16: log(0) is -inf, not an error.
+    log_1m_beta = math.log1p(-beta) if beta < 1.0 else -math.inf
+    log_beta = math.log(beta) if beta > 0.0 else -math.inf
+    r_big = -torch.logaddexp(torch.full_like(d_big, log_1m_beta), log_beta + d_big)
     return torch.where(small, r_small, r_big)
 
 

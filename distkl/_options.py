@@ -89,14 +89,40 @@ def samples_per_pair(num_samples: Optional[int], num_pairs: int) -> int:
     return max(1, -(-SAMPLE_BUDGET // max(1, num_pairs)))
 
 
-_CURRENT: contextvars.ContextVar[Options] = contextvars.ContextVar(
-    "distkl_options",
-    default=Options(),  # noqa: B039 (a frozen dataclass: immutable)
-)
+class _OptionsVar:
+    """The options' ContextVar, mirrored in a plain attribute for ``torch.compile``.
+
+    Dynamo cannot trace ``ContextVar.get``; it can read ``mirror`` and guards on it, so a compiled
+    function recompiles when the options change. The mirror holds the options last set in any
+    thread: compiled code in several threads with different options sees the latest ones.
+    """
+
+    def __init__(self) -> None:
+        self._var: contextvars.ContextVar[Options] = contextvars.ContextVar(
+            "distkl_options",
+            default=Options(),  # noqa: B039 (a frozen dataclass: immutable)
+        )
+        self.mirror = Options()
+
+    def get(self) -> Options:
+        return self._var.get()
+
+    def set(self, value: Options) -> contextvars.Token[Options]:
+        self.mirror = value
+        return self._var.set(value)
+
+    def reset(self, token: contextvars.Token[Options]) -> None:
+        self._var.reset(token)
+        self.mirror = self._var.get()
+
+
+_CURRENT = _OptionsVar()
 
 
 def get_options() -> Options:
-    """The options in force in this thread."""
+    """The options in force in this thread (under ``torch.compile``: the ones last set)."""
+    if torch.compiler.is_compiling():
+        return _CURRENT.mirror
     return _CURRENT.get()
 
 
@@ -133,7 +159,8 @@ class options:
 
     Args:
         method: ``"auto"``, ``"mc"``, ``"quadrature"``, ``"variational"`` or ``"unscented"``.
-        num_samples: Monte Carlo samples per pair (default: 4096 per call, shared by the batch).
+        num_samples: Monte Carlo samples per pair, or None for a budget of 4096 per call shared
+            by the batch.
         generator: `torch.Generator` for reproducible Monte Carlo, or None for torch's global one.
         chunk_size: samples drawn and reduced at a time, or None to choose from a memory budget.
         quadrature_nodes: quadrature nodes per component.
@@ -160,7 +187,7 @@ class options:
         self,
         *,
         method: str | _Unset = _UNSET,
-        num_samples: int | _Unset = _UNSET,
+        num_samples: Optional[int] | _Unset = _UNSET,
         generator: Optional[torch.Generator] | _Unset = _UNSET,
         chunk_size: Optional[int] | _Unset = _UNSET,
         quadrature_nodes: int | _Unset = _UNSET,

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
@@ -22,6 +23,7 @@ from distkl._options import get_options
 from distkl.registry import jsd_rules, kl_rules, skipped_kl_rules
 from distkl.verify import DEFAULT_ALPHA, run_verify
 from distkl.verify import plot as plot
+from distkl.verify.report import WIDTH, short_name
 from distkl.verify.run import available_devices
 
 __all__ = ["main", "build_parser"]
@@ -100,6 +102,41 @@ def update_markdown(path: str) -> bool:
     return new != text
 
 
+def _list_kind(kind: str, notes: list[str]) -> str:
+    """The kind cell of `distkl list`: a per-call summary becomes a numbered note."""
+    if kind in ("exact", "estimate"):
+        return kind
+    if kind not in notes:
+        notes.append(kind)
+    return f"per call [{notes.index(kind) + 1}]"
+
+
+def _print_rule_table(rows: list[dict[str, Any]]) -> None:
+    notes: list[str] = []
+    head = ("div", "p", "q", "kind", "rule (in distkl.)")
+    cells = [head] + [
+        (
+            r["divergence"],
+            short_name(r["p"]),
+            short_name(r["q"]),
+            _list_kind(r["kind_summary"], notes),
+            f"{r['module']}.{r['function']}".removeprefix("distkl."),
+        )
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    for k, c in enumerate(cells):
+        print("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    legend = [f"[{i}] {note}." for i, note in enumerate(notes, 1)]
+    legend.append(
+        "Mix = MixtureSameFamily, MVN = MultivariateNormal, Cat = Categorical, OneHot = "
+        "OneHotCategorical; a rule outside distkl is named in full."
+    )
+    print("\n" + "\n".join(textwrap.fill(line, WIDTH) for line in legend))
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.update:
         try:
@@ -118,30 +155,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print("No rules registered.")
         return 0
-    head = ("divergence", "p", "q", "kind", "module")
-    cells = [head] + [
-        (
-            r["divergence"],
-            r["p"],
-            r["q"],
-            r["kind_summary"]
-            if r["kind_summary"] != "estimate"
-            else f"estimate ({get_options().method})",
-            f"{r['module']}.{r['function']}",
-        )
-        for r in rows
-    ]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    for k, c in enumerate(cells):
-        print("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    _print_rule_table(rows)
     n_kl = sum(r["divergence"] == "KL" for r in rows)
     n_est = sum(r["kind"] == "estimate" for r in rows)
-    print(
-        f"\n{n_kl} KL and {len(rows) - n_kl} JSD rules; {n_est} compute an estimate by the method "
-        f"in force ({_method_in_force()}; set it with distkl.options), the rest are exact."
+    summary = (
+        f"{n_kl} KL and {len(rows) - n_kl} JSD rules; {n_est} compute an estimate, for some or "
+        f"all pairs, by the method in force ({_method_in_force()}; set it with distkl.options); "
+        "the rest are exact."
     )
+    print("\n" + textwrap.fill(summary, WIDTH))
     for r in skipped_kl_rules():
         print(
             f"KL {r.name}: torch dispatches to {r.fn.__module__}.{r.fn.__qualname__} "

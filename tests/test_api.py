@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 from torch.distributions import Categorical as Cat
@@ -44,3 +47,12 @@ def test_moved_names_still_resolve_with_a_deprecation_warning(name, module):
 def test_unknown_attribute_is_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'kl_magic'"):
         distkl.kl_magic  # noqa: B018
+
+
+def test_module_attributes_are_the_modules_of_that_name():
+    # ``from distkl.rules import categorical as _categorical`` once shadowed distkl/_categorical.py.
+    for name, value in vars(distkl).items():
+        if isinstance(value, types.ModuleType) and value.__name__.startswith("distkl."):
+            full = f"distkl.{name}"
+            if full in sys.modules:
+                assert value is sys.modules[full], (name, value.__name__)

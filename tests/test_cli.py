@@ -34,11 +34,15 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_python_dash_m_and_console_script():
+    """`python -m distkl` runs main; a bad argument exits 2 with usage and no traceback."""
     done = subprocess.run(
-        [sys.executable, "-m", "distkl", "list", "--json"], capture_output=True, text=True
+        [sys.executable, "-m", "distkl", "verify", "--num-samples", "0"],
+        capture_output=True,
+        text=True,
     )
-    assert done.returncode == 0, done.stderr
-    assert "rules" in json.loads(done.stdout)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("usage: distkl verify")
+    assert "--num-samples: expected an int >= 2, got 0" in done.stderr
     assert shutil.which("distkl") is not None
 
 
@@ -59,8 +63,9 @@ def test_list_shows_every_registered_rule(capsys):
     assert all((r["method"] is None) == (r["kind"] == "exact") for r in data["rules"])
     status, text, _ = run(capsys, "list")
     assert status == 0
-    assert "distkl.rules.mixture" in text and "estimate (auto)" in text
-    assert "distkl.rules.categorical" in text and "exact" in text
+    assert "rules.mixture" in text and "estimate" in text and "method in force (auto" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "rules.categorical" in text and "exact" in text
 
 
 def test_verify_json_on_one_row(capsys):
@@ -134,24 +139,34 @@ def test_verify_strict_fails_on_gaps(capsys, monkeypatch):
     assert status == 1 and "error: KL rule" in out
 
 
-def test_verify_plot(capsys, tmp_path):
+def test_verify_plot(capsys, tmp_path, monkeypatch):
+    """One panel per pair (both rows of the table here), each with every dtype checked."""
     pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    panels: list[list[tuple[str, str]]] = []
+    draw = plot._panel
+
+    def recording(ax, rows, zstar):
+        panels.append([(r.pair, r.dtype) for r in rows])
+        draw(ax, rows, zstar)
+
+    monkeypatch.setattr(plot, "_panel", recording)
     path = tmp_path / "verify.png"
-    status, out, _ = run(
-        capsys,
+    argv = [
         "verify",
         "--quick",
         "--device",
         "cpu",
-        "--dtype",
-        "float64",
+        "--kind",
+        "kl",
         "--only",
-        ROW,
-        "--no-progress",
+        "MixtureSameFamily(Normal)-",
         "--plot",
-        str(path),
-    )
+    ]
+    status, out, _ = run(capsys, *argv, str(path), "--no-progress", "--num-samples", "512")
     assert status == 0, out
+    rows = {ex.id for ex in distkl.examples.EXAMPLES if "MixtureSameFamily(Normal)-" in ex.id}
+    assert {p[0][0] for p in panels} == rows and len(panels) == len(rows)
+    assert all(sorted(d for _, d in p) == ["float32", "float64"] for p in panels)
     assert path.stat().st_size > 10_000
 
 
@@ -218,16 +233,6 @@ def test_bad_arguments_are_usage_errors(capsys, argv):
     assert status == 2
     assert err.startswith("usage: distkl ") and "error: argument" in err, err
     assert "Traceback" not in out + err and "checks" not in out
-
-
-def test_bad_arguments_exit_2_from_the_command_line():
-    done = subprocess.run(
-        [sys.executable, "-m", "distkl", "verify", "--num-samples", "0"],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "--num-samples: expected an int >= 2, got 0" in done.stderr
 
 
 def test_only_without_a_match_lists_the_ids(capsys):

@@ -11,6 +11,7 @@ from torch.distributions import Categorical, Independent, Normal, kl_divergence
 
 import distkl
 import distkl.jsd  # noqa: F401  (registers the JSD rules)
+from distkl import functional
 from distkl.bounded import bounded_kl, js_divergence_normalized
 from distkl.losses import REDUCTIONS, JSDLoss, KLLoss
 from distkl.registry import js_divergence
@@ -130,8 +131,6 @@ def test_gaussian_losses_with_gradients(device):
 
 
 def test_reduction_message_is_the_functional_one():
-    from distkl import functional
-
     with pytest.raises(ValueError) as from_loss:
         KLLoss(reduction="avg")
     with pytest.raises(ValueError) as from_functional:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import pytest
@@ -151,8 +152,6 @@ def test_exit_without_enter_is_an_error():
 
 
 def test_options_signature_is_typed_and_keyword_only():
-    import inspect
-
     params = inspect.signature(options).parameters
     assert list(params) == ["method", "num_samples", "generator", "chunk_size", "quadrature_nodes"]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())

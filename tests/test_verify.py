@@ -249,6 +249,13 @@ def test_verify_fails_on_a_planted_wrong_rule():
         assert not report.passed()
         assert [r.pair for r in report.failures] == ["_P-_Q", "_P-_Q"]  # float32 and float64
         assert "FAIL" in report.table()
+    # the report fits 100 columns, explains its columns and lists failures with a command
+    text = report.render()
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    tail = text[text.index("failures") :].replace(" \\\n      ", " ")
+    assert "KL _P-_Q cpu float32: z = " in tail and "KL _P-_Q cpu float64: z = " in tail
+    assert "python -m distkl verify --only _P-_Q --kind kl --device cpu --dtype float64" in tail
+    assert "[i/n] = that" in text  # the legend explains the index after z
     with registered_kl(_P, _Q, _normal_kl):
         report = run_verify(devices=["cpu"], examples=[_planted_row()], num_samples=50_000)
         assert report.passed(), report.table()
@@ -338,17 +345,3 @@ def test_run_verify_sets_threads_for_the_run_only():
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="threads must be a positive int"):
         run_verify(examples=[], threads=0)
-
-
-def test_report_lines_fit_100_columns_and_list_failures():
-    def wrong(p, q):
-        return 1.1 * _normal_kl(p, q)
-
-    with registered_kl(_P, _Q, wrong):
-        report = run_verify(devices=["cpu"], examples=[_planted_row()], num_samples=50_000)
-    text = report.render()
-    assert max(len(line) for line in text.splitlines()) <= 100, text
-    tail = text[text.index("failures") :].replace(" \\\n      ", " ")
-    assert "KL _P-_Q cpu float32: z = " in tail and "KL _P-_Q cpu float64: z = " in tail
-    assert "python -m distkl verify --only _P-_Q --kind kl --device cpu --dtype float64" in tail
-    assert "[i/n] = that" in text  # the legend explains the index after z

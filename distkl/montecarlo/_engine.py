@@ -162,12 +162,14 @@ class _Stream:
             self.mom = StratumMoments(ns, g, z.shape[-1], self.dtype, self.sampler.device)
         self.mom.update(s, z)
 
-    def result(self, use_controls: bool, num_samples: int) -> Estimate:
+    def result(
+        self, use_controls: bool, num_samples: int, value_range: Optional[tuple[float, float]]
+    ) -> Estimate:
         assert self.mom is not None and self.out_shape is not None
         sampler, out_shape = self.sampler, self.out_shape
         k = sampler.num_components
         log_w = sampler.log_weights.expand(*out_shape, k).reshape(-1, k).T.to(self.dtype)
-        value, var = combine(self.mom, log_w, use_controls)
+        value, var = combine(self.mom, log_w, use_controls, value_range)
         value = value.reshape(out_shape).to(sampler.dtype)
         stderr = var.sqrt().reshape(out_shape).to(sampler.dtype)
         if self.inf_mask is not None:
@@ -210,7 +212,9 @@ class _RowStream:
             y = add_score_term(y, lp, torch.zeros_like(lp, dtype=torch.long), 1)
         self.rows.append(y[..., 0])
 
-    def result(self, use_controls: bool, num_samples: int) -> Estimate:
+    def result(
+        self, use_controls: bool, num_samples: int, value_range: Optional[tuple[float, float]]
+    ) -> Estimate:
         assert self.out_shape is not None
         y = torch.cat(self.rows)  # (N, G), rows in the order of their intervals
         n = y.shape[0]
@@ -238,6 +242,23 @@ class _RowStream:
         return Estimate(value, stderr.detach(), num_samples)
 
 
+def _shape_only(
+    sampler: Sampler,
+    integrand: Integrand,
+    out_batch: Optional[torch.Size],
+    num_samples: int,
+    generator: Optional[torch.Generator],
+) -> Estimate:
+    """An empty batch (no element to estimate) or meta tensors (no values at all): the result's
+    shape, dtype and device from one probe row, as torch's own functions return for them."""
+    idx = torch.zeros((1, sampler.batch_shape.numel()), dtype=torch.long, device=sampler.device)
+    draw = sampler.draw(idx, lambda k: (0, 1), generator, False)
+    f, _ = integrand(draw, idx, False)
+    out = _out_shape(f, sampler.batch_shape, draw) if out_batch is None else out_batch
+    value = f.new_zeros(out, dtype=sampler.dtype)
+    return Estimate(value, value.detach().clone(), num_samples)
+
+
 def run(
     sampler: Sampler,
     integrand: Integrand,
@@ -248,6 +269,7 @@ def run(
     use_controls: bool,
     out_batch: Optional[torch.Size],
     row_elements: int,
+    value_range: Optional[tuple[float, float]] = None,
 ) -> Estimate:
     """Stratified, chunked estimate of ``E_p[f]`` (see the module docstring).
 
@@ -260,11 +282,14 @@ def run(
         use_controls: fit control variates where a stratum is large enough.
         out_batch: the output batch shape, or ``None`` to take it from the first ``f``.
         row_elements: tensor elements one row needs, for the chunk size.
+        value_range: bounds of ``f`` if known (see ``_fit._unseen``).
     """
     check_positive_int("num_samples", num_samples)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     check_generator(generator, sampler.device)
+    if sampler.batch_shape.numel() == 0 or sampler.device.type == "meta":
+        return _shape_only(sampler, integrand, out_batch, num_samples, generator)
     strata = allocate(sampler.log_weights, num_samples, sampler.single, generator)
     use_controls = use_controls and strata.can_fit_controls()
     stream: _Stream | _RowStream = (
@@ -280,4 +305,4 @@ def run(
             stream.add(draw, f, None, idx)
         else:
             stream.add(draw, f, extra if use_controls else None, 2 * idx + fold)
-    return stream.result(use_controls, num_samples)
+    return stream.result(use_controls, num_samples, value_range)

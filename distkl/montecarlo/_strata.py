@@ -18,6 +18,9 @@ __all__ = ["Strata", "IntervalStrata", "allocate", "MIN_FOLD_FOR_CONTROLS", "MIN
 #: ``benchmarks/bench_mc_variance.py``); the plain stratified mean covers 94%.
 MIN_FOLD_FOR_CONTROLS = 128
 MIN_FOLD_PER_CONTROL = 16
+#: Fewest samples a positive-weight stratum gets when the budget allows (at most 1/16 of the
+#: samples go to such floors): with 64 normal samples a stratum's 95% interval covers 94.5%.
+MIN_PER_STRATUM = 64
 
 
 class Strata:
@@ -52,9 +55,15 @@ class Strata:
                 f"num_samples must be at least 2 per mixture component ({2 * npos} for "
                 f"{npos} components), got {num_samples}."
             )
-        base = 2 * positive.long()
+        # Proportional allocation with a floor: a tiny-weight stratum whose f varies a lot
+        # dominates the variance, and a variance from 2 samples (1 degree of freedom) makes
+        # 95% intervals cover about 70% (issue 11.5).
+        m_min = min(MIN_PER_STRATUM, max(2, num_samples // (16 * npos)))
+        small = positive & (w * num_samples < m_min)
+        base = torch.where(small, m_min, 2 * positive.long())
         rest = num_samples - base.sum(-1, keepdim=True)
-        share = w * rest
+        large = torch.where(small, torch.zeros_like(w), w)
+        share = large / large.sum(-1, keepdim=True) * rest
         floor = share.floor()
         left = rest - floor.long().sum(-1, keepdim=True)
         order = torch.argsort(torch.argsort(share - floor, dim=-1, descending=True), dim=-1)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from distkl.verify.report import VerifyReport, VerifyRow, short_name
-from distkl.verify.statistics import log_ratio_chunks, sampling_seed
+from distkl.verify.sampling import log_ratio_chunks, sampling_seed
 
 __all__ = ["figure_class", "plot_convergence"]
 

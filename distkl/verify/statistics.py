@@ -19,23 +19,25 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.distributions import Distribution, constraints
+from torch.distributions import Distribution
 
 import distkl
 from distkl._checks import check_positive_int, check_skew, describe
 from distkl._options import options
-from distkl._rng import rng_scope, seed_from
-from distkl._stats import StreamingMoments
 from distkl.montecarlo import kl_mc
 from distkl.registry import js_divergence, lookup_jsd, lookup_kl
+from distkl.verify.sampling import (
+    device_of,
+    naive_jsd,
+    naive_kl,
+    sampling_scope,
+    sampling_seed,
+)
 
 __all__ = [
     "CHECK_SAMPLES",
@@ -44,8 +46,6 @@ __all__ = [
     "check_jsd",
     "check_kl",
     "check_values",
-    "log_ratio_chunks",
-    "sampling_seed",
     "z_threshold",
 ]
 
@@ -56,7 +56,6 @@ CHECK_SAMPLES = 100_000
 RULE_SE_SAMPLES = 8_192
 #: Family-wise false-failure rate: the chance that a correct table reports any failure.
 DEFAULT_ALPHA = 1e-3
-_CHUNK = 16_384
 _RULE_SEED = 0x5EED  # xor-ed into the sampling seed: the rule's own Monte Carlo is independent
 
 
@@ -150,123 +149,6 @@ def _unravel(i: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------
-# Naive Monte Carlo
-
-
-def sampling_seed(generator: Optional[torch.Generator]) -> int:
-    """The seed of a check's sampling: one draw of `generator` (of the global one if None)."""
-    if generator is None:
-        return int(torch.randint(0, 2**62, ()))
-    return seed_from(generator)
-
-
-def _scope(seed: int, device: torch.device) -> AbstractContextManager[None]:
-    """Sample from torch's global generator of `device`, forked and seeded from `seed`."""
-    return rng_scope(torch.Generator().manual_seed(seed), device)
-
-
-def _chunks(n: int, size: int = _CHUNK) -> Iterator[int]:
-    while n > 0:
-        m = min(size, n)
-        yield m
-        n -= m
-
-
-def _float_dtype(d: Distribution) -> torch.dtype:
-    for v in vars(d).values():
-        if isinstance(v, Tensor) and v.dtype.is_floating_point:
-            return v.dtype
-        if isinstance(v, Distribution):
-            return _float_dtype(v)
-    return torch.get_default_dtype()
-
-
-def device_of(d: Distribution) -> torch.device:
-    """The device of the first tensor among a distribution's attributes (cpu if none)."""
-    for v in vars(d).values():
-        if isinstance(v, Tensor):
-            return v.device
-        if isinstance(v, Distribution):
-            return device_of(v)
-    return torch.device("cpu")
-
-
-def _encode_for(x: Tensor, src: Distribution, dst: Distribution) -> Tensor:
-    """Samples of `src` in the encoding `dst.log_prob` reads (category index <-> one-hot)."""
-    if src.event_shape == dst.event_shape:
-        return x
-    if dst.support is constraints.one_hot and src.event_shape == ():
-        return F.one_hot(x.long(), dst.event_shape[-1]).to(_float_dtype(dst))
-    if src.support is constraints.one_hot and dst.event_shape == ():
-        return x.argmax(-1)
-    raise ValueError(
-        f"cannot evaluate {type(dst).__name__}.log_prob on samples of {type(src).__name__}: event "
-        f"shapes {tuple(src.event_shape)} and {tuple(dst.event_shape)} differ."
-    )
-
-
-def _expanded(d: Distribution, batch: torch.Size) -> Distribution:
-    """`d` expanded to `batch`, so every batch element gets samples of its own."""
-    if d.batch_shape == batch:
-        return d
-    try:
-        return d.expand(batch)
-    except NotImplementedError:  # a user class without expand: rely on broadcasting
-        return d
-
-
-def _log_densities(
-    src: Distribution, p: Distribution, q: Distribution, m: int
-) -> tuple[Tensor, Tensor]:
-    """`(log p(x), log q(x))` for `m` draws `x ~ src` (`p` or `q`, expanded)."""
-    x = src.sample((m,))
-    return p.log_prob(_encode_for(x, src, p)), q.log_prob(_encode_for(x, src, q))
-
-
-def log_ratio_chunks(p: Distribution, q: Distribution, n: int, seed: int) -> Iterator[Tensor]:
-    """`log p(x) - log q(x)` for `n` draws `x ~ p` (p expanded to the pair's batch), in chunks.
-
-    The draws `check_kl` makes for the sampling seed `seed` (see `sampling_seed`).
-    """
-    p = _expanded(p, torch.broadcast_shapes(p.batch_shape, q.batch_shape))
-    with _scope(seed, device_of(p)), torch.no_grad():
-        for m in _chunks(n):
-            lp, lq = _log_densities(p, p, q, m)
-            yield lp - lq
-
-
-def _naive_kl(p: Distribution, q: Distribution, n: int, seed: int) -> tuple[Tensor, Tensor]:
-    """`(mean, stderr)` of `log p(x) - log q(x)`, `x ~ p`, accumulated in float64 (CPU)."""
-    acc = StreamingMoments()
-    for values in log_ratio_chunks(p, q, n, seed):
-        acc.add(values)
-    mean, se = acc.result()
-    return mean.cpu(), se.cpu()
-
-
-def _naive_jsd(
-    p: Distribution, q: Distribution, alpha: float, n: int, seed: int
-) -> tuple[Tensor, Tensor]:
-    """`(value, stderr)` of the two-sample naive estimate of `JS_alpha(p, q)`."""
-    batch = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
-    p, q = _expanded(p, batch), _expanded(q, batch)
-    la, lb = math.log(alpha), math.log1p(-alpha)
-    value = torch.zeros(batch, dtype=torch.float64)
-    var = torch.zeros(batch, dtype=torch.float64)
-    for k, (src, w) in enumerate(((p, alpha), (q, 1.0 - alpha))):
-        acc = StreamingMoments()
-        with _scope(seed + k, device_of(src)), torch.no_grad():
-            for m in _chunks(n):
-                lp, lq = _log_densities(src, p, q, m)
-                lm = torch.logaddexp(lp + la, lq + lb)
-                acc.add((lp if k == 0 else lq) - lm)
-        mean, se = acc.result()
-        value = value + w * mean.cpu()
-        var = var + (w * se.cpu()) ** 2
-    return value, var.sqrt()
-
-
-# --------------------------------------------------------------------------------------------
 # Evaluating the registered rule
 
 StderrFn = Callable[[int, torch.Generator], Tensor]
@@ -288,7 +170,7 @@ def _evaluate_exact(value_fn: Callable[[], Tensor], seed: int, device: torch.dev
     values = []
     for s in (seed, seed + 1):
         g = _rule_generator(s, device)
-        with _scope(s, device), options(method="mc", generator=g):
+        with sampling_scope(s, device), options(method="mc", generator=g):
             values.append(value_fn())
     a, b = (v.detach().nan_to_num(nan=0.0) for v in values)
     # reductions on some devices are not bitwise reproducible; a seed-dependent (Monte Carlo)
@@ -440,7 +322,7 @@ def check_values(
         `CheckResult` of kind `"exact"`.
     """
     n = _num_samples(num_samples)
-    naive = _naive_kl(p, q, n, sampling_seed(generator))
+    naive = naive_kl(p, q, n, sampling_seed(generator))
     claim = _Claim(torch.as_tensor(value), torch.zeros(()), "exact", None)
     return _compare(pair or _pair_name(p, q), "KL", claim, naive, n, z, alpha)
 
@@ -501,7 +383,7 @@ def check_kl(
         )
     kind = info.kind_for(p, q) if info is not None else "exact"
     seed = sampling_seed(generator)
-    naive = _naive_kl(p, q, n, seed)
+    naive = naive_kl(p, q, n, seed)
     claim = _claim(p, lambda: fn(p, q), _kl_mc_stderr(p, q), kind, n, seed ^ _RULE_SEED)
     return _compare(_pair_name(p, q), "KL", claim, naive, n, z, alpha)
 
@@ -543,7 +425,7 @@ def check_jsd(
             f"{type(q).__name__}; nothing to check."
         )
     seed = sampling_seed(generator)
-    naive = _naive_jsd(p, q, alpha_skew, n, seed)
+    naive = naive_jsd(p, q, alpha_skew, n, seed)
     claim = _claim(
         p,
         lambda: js_divergence(p, q, skew=alpha_skew),
