@@ -66,9 +66,11 @@ def truncated_normal(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     def ratio(x: Tensor) -> tuple[Tensor, Tensor]:
         finite = torch.isfinite(x)
+        keep = finite & fin
         x0 = torch.where(finite, x, torch.zeros_like(x))
-        r = torch.exp(-0.5 * x0.square() - _HALF_LOG_2PI - safe_z)
-        r = torch.where(finite & fin, r, torch.zeros_like(r))
+        # Masked before exp: an overflowing masked entry would give 0 * inf = NaN gradients.
+        log_r = torch.where(keep, -0.5 * x0.square() - _HALF_LOG_2PI - safe_z, -math.inf)
+        r = torch.exp(log_r)
         return r, x0 * r
 
     r_lo, xr_lo = ratio(lo)
