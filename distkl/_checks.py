@@ -7,6 +7,7 @@ whether it reached ``kl_mc``, ``options`` or the CLI.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -16,6 +17,7 @@ from torch.distributions import Distribution, Independent, MixtureSameFamily
 __all__ = [
     "batch_shape_of",
     "check_choice",
+    "check_finite",
     "check_positive_int",
     "check_same_event_shape",
     "check_same_num_categories",
@@ -39,6 +41,22 @@ def check_positive_int(
     if value > maximum:
         raise ValueError(f"{name} must be at most {maximum}, got {value!r}.")
     return value
+
+
+def check_finite(name: str, value: object, *, minimum: float, strict: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite real ``>= minimum`` (``>`` if ``strict``).
+
+    Raises:
+        TypeError: not a real number (bools, strings, tensors and None included), naming ``name``.
+        ValueError: NaN, infinite or below the minimum, naming ``name``.
+    """
+    wanted = f"a finite number {'>' if strict else '>='} {minimum:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {wanted}, got {type(value).__name__} {value!r}.")
+    v = float(value)
+    if not (math.isfinite(v) and (v > minimum if strict else v >= minimum)):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}.")
+    return v
 
 
 def check_skew(skew: object, name: str = "skew") -> float:

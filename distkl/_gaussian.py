@@ -29,6 +29,7 @@ from torch.distributions import (
 )
 
 from distkl._checks import batch_shape_of, check_same_event_shape, unsupported
+from distkl._torch_compat import exact_log_probs
 
 __all__ = [
     "GaussianMixture",
@@ -38,9 +39,11 @@ __all__ = [
     "entropies",
     "expected_log_density",
     "half_log_det",
+    "invalid_elements",
     "is_gaussian_family",
     "loc_scale_1d",
     "mixture_log_density",
+    "neutralize",
     "pairwise_kl",
     "pairwise_log_overlap",
     "pairwise_log_product",
@@ -147,11 +150,28 @@ def is_gaussian_family(d: Distribution) -> bool:
 def _is_gaussian_component(d: Distribution) -> bool:
     if isinstance(d, (Normal, MultivariateNormal, LowRankMultivariateNormal)):
         return True
+    # isinstance throughout: subclasses (Pyro's Normal, its .to_event(1)) are supported too.
     return (
         isinstance(d, Independent)
-        and type(d.base_dist) is Normal
+        and isinstance(d.base_dist, Normal)
         and d.reinterpreted_batch_ndims == 1
     )
+
+
+def _nan_where_negative(scale: Tensor) -> Tensor:
+    """``scale`` with negative entries replaced by NaN.
+
+    With validation off torch accepts a negative scale; every method reading ``|scale|`` (or a
+    squared scale) would then silently compute the KL of another distribution. NaN propagates
+    instead, as torch's own ``log_prob`` does. Zero scales are kept (degenerate, not invalid here).
+    """
+    return torch.where(scale < 0, torch.full_like(scale, math.nan), scale)
+
+
+def _nan_where_negative_diagonal(tril: Tensor) -> Tensor:
+    """A lower-triangular factor with a negative diagonal entry becomes NaN (see above)."""
+    bad = (tril.diagonal(dim1=-2, dim2=-1) < 0).any(-1)
+    return torch.where(bad[..., None, None], torch.full_like(tril, math.nan), tril)
 
 
 def _component_params(
@@ -160,13 +180,13 @@ def _component_params(
     """(loc (*b, D), scale_diag (*b, D) | None, scale_tril (*b, D, D) | None, event_shape)."""
     if isinstance(d, Normal):
         loc, scale = torch.broadcast_tensors(d.loc, d.scale)
-        return loc.unsqueeze(-1), scale.unsqueeze(-1), None, torch.Size()
+        return loc.unsqueeze(-1), _nan_where_negative(scale).unsqueeze(-1), None, torch.Size()
     if isinstance(d, Independent) and isinstance(d.base_dist, Normal):
         base = d.base_dist
         loc, scale = torch.broadcast_tensors(base.loc, base.scale)
-        return loc, scale, None, d.event_shape
+        return loc, _nan_where_negative(scale), None, d.event_shape
     if isinstance(d, MultivariateNormal):
-        return d.loc, None, d.scale_tril, d.event_shape
+        return d.loc, None, _nan_where_negative_diagonal(d.scale_tril), d.event_shape
     if isinstance(d, LowRankMultivariateNormal):
         # Dense Cholesky of W W^T + diag(D): mixtures need the full factor anyway.
         return d.loc, None, torch.linalg.cholesky(d.covariance_matrix), d.event_shape
@@ -175,6 +195,11 @@ def _component_params(
 
 def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> GaussianMixture:
     """Canonical :class:`GaussianMixture` view of a Normal-family distribution or mixture.
+
+    Mixture weights are read exactly (a zero weight gives a log-weight of ``-inf``, never a
+    clamped ``log eps``); a negative scale (possible with validation off) becomes NaN, so every
+    method gives NaN for it rather than the value for ``|scale|``. Subclasses of the supported
+    families (e.g. Pyro's) are accepted.
 
     Raises:
         NotImplementedError: for any other family, listing the supported ones.
@@ -186,8 +211,9 @@ def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> Gauss
             [*SUPPORTED_COMPONENTS, *(f"MixtureSameFamily({c})" for c in SUPPORTED_COMPONENTS)],
         )
     if isinstance(d, MixtureSameFamily):
-        log_w = d.mixture_distribution.logits
-        log_w = log_w - log_w.logsumexp(-1, keepdim=True)
+        # Exact log-weights: torch's `logits` of a Categorical built from probs clamp a zero
+        # weight to eps (a weight-0 component would be counted with weight ~1e-7 in float32).
+        log_w = exact_log_probs(d.mixture_distribution)
         loc, sd, st, ev = _component_params(d.component_distribution)
         gm = GaussianMixture(log_w, loc, sd, st, ev)
         # MixtureSameFamily lets the weights' and the components' batch shapes merely broadcast
@@ -222,13 +248,20 @@ def broadcast_mixtures(p: Distribution, q: Distribution) -> tuple[GaussianMixtur
 
 
 def to_float64(m: GaussianMixture) -> GaussianMixture:
-    """``m`` with every field cast to float64 (differentiable; a no-op copy for float64 input)."""
+    """``m`` with every field cast to float64, log-weights renormalised there (differentiable).
+
+    Float32 weights such as ``[1, 1e-10]`` sum to 1 only in float32; renormalising in float64
+    keeps a tiny component's contribution from being off by its own weight.
+    """
 
     def up(t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else t.to(torch.float64)
 
+    log_w = m.log_weights.to(torch.float64)
+    if m.log_weights.dtype != torch.float64:
+        log_w = log_w - log_w.logsumexp(-1, keepdim=True)
     return GaussianMixture(
-        m.log_weights.to(torch.float64),
+        log_w,
         m.loc.to(torch.float64),
         up(m.scale_diag),
         up(m.scale_tril),
@@ -246,6 +279,33 @@ def half_log_det(m: GaussianMixture) -> Tensor:
     r"""$\tfrac12 \log\det\Sigma_k = \sum_i \log L_{k,ii}$ of every component: ``(*batch, K)``."""
     diag = m.scale_diag if m.scale_diag is not None else m.tril().diagonal(dim1=-2, dim2=-1)
     return diag.log().sum(-1)
+
+
+def invalid_elements(m: GaussianMixture) -> Tensor:
+    """Boolean mask ``(*batch,)`` of the batch elements with a NaN weight, location or scale."""
+    bad = m.log_weights.isnan().any(-1) | m.loc.isnan().flatten(-2).any(-1)
+    scale = m.scale_diag if m.scale_diag is not None else m.tril()
+    return bad | scale.isnan().flatten(len(m.batch_shape)).any(-1)
+
+
+def neutralize(m: GaussianMixture, mask: Tensor) -> GaussianMixture:
+    """``m`` with the batch elements in ``mask`` replaced by standard normals of equal weight.
+
+    For algorithms that would raise on NaN parameters (a Cholesky factorisation): compute on the
+    neutralised mixture, then put NaN back where ``mask`` is set. ``mask`` has ``m``'s batch shape.
+    """
+    k = m.num_components
+    flat = mask[..., None]
+    log_w = torch.where(flat, torch.full_like(m.log_weights, -math.log(k)), m.log_weights)
+    loc = torch.where(flat[..., None], torch.zeros_like(m.loc), m.loc)
+    if m.scale_diag is not None:
+        sd = torch.where(flat[..., None], torch.ones_like(m.scale_diag), m.scale_diag)
+        return GaussianMixture(log_w, loc, sd, None, m.event_shape)
+    tril = m.tril()
+    eye = torch.eye(m.dim, dtype=tril.dtype, device=tril.device).expand_as(tril)
+    return GaussianMixture(
+        log_w, loc, None, torch.where(flat[..., None, None], eye, tril), m.event_shape
+    )
 
 
 def same_parameters(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:

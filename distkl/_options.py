@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import enum
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Optional
 
 import torch
 
-from distkl._checks import check_positive_int
+from distkl._checks import check_choice, check_positive_int
 
 __all__ = ["Options", "options", "get_options", "METHODS", "SAMPLE_BUDGET", "samples_per_pair"]
 
@@ -61,8 +62,7 @@ class Options:
     quadrature_nodes: int = 128
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
+        check_choice("method", self.method, METHODS)
         if self.num_samples is not None:
             check_positive_int("num_samples", self.num_samples)
         check_positive_int("quadrature_nodes", self.quadrature_nodes)
@@ -87,9 +87,6 @@ def samples_per_pair(num_samples: Optional[int], num_pairs: int) -> int:
     if num_samples is not None:
         return num_samples
     return max(1, -(-SAMPLE_BUDGET // max(1, num_pairs)))
-
-
-_FIELDS = tuple(f.name for f in dataclasses.fields(Options))
 
 
 class _OptionsVar:
@@ -129,39 +126,97 @@ def get_options() -> Options:
     return _CURRENT.get()
 
 
+class _Unset(enum.Enum):
+    """The default of every `options` keyword: leave that option as it is."""
+
+    UNSET = "UNSET"
+
+
+_UNSET = _Unset.UNSET
+
+
+class _Entry:
+    """One active ``with options(...)`` block: the options before it and the changes it made."""
+
+    __slots__ = ("previous", "changes")
+
+    def __init__(self, previous: Options, changes: dict[str, Any]) -> None:
+        self.previous = previous
+        self.changes = changes
+
+
+#: The ``with`` blocks active in this context, outermost first.
+_ACTIVE: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar(
+    "distkl_options_active", default=()
+)
+
+
 class options:
     """Set distkl's options now; as a context manager, restore the previous ones on exit.
 
-    Keyword arguments (each optional; see :class:`Options` for the defaults):
+    Every keyword is optional; one that is not given keeps its current value (see `Options`
+    for the defaults and meanings).
 
+    Args:
         method: ``"auto"``, ``"mc"``, ``"quadrature"``, ``"variational"`` or ``"unscented"``.
-        num_samples: Monte Carlo samples per pair (default: 4096 per call, shared by the batch).
-        generator: :class:`torch.Generator` for reproducible Monte Carlo.
-        chunk_size: samples drawn and reduced at a time.
+        num_samples: Monte Carlo samples per pair, or None for a budget of 4096 per call shared
+            by the batch.
+        generator: `torch.Generator` for reproducible Monte Carlo, or None for torch's global one.
+        chunk_size: samples drawn and reduced at a time, or None to choose from a memory budget.
         quadrature_nodes: quadrature nodes per component.
 
     Raises:
-        TypeError: for an unknown option name.
-        ValueError: for an invalid value.
+        TypeError: an unknown option name, or a ``generator`` that is not a `torch.Generator`.
+        ValueError: an invalid value, naming the option.
 
-    Example::
+    A context object applies its settings on every ``__enter__`` (so one object can serve
+    several ``with`` blocks) and undoes them on ``__exit__``; its first block restores what was
+    in force before the call that created it. Blocks exited out of order leave the blocks still
+    open in force, on top of the options from before the one that exited.
 
+    Example:
+        ```python
         g = torch.Generator().manual_seed(0)
         with distkl.options(method="mc", num_samples=8192, generator=g):
             kl = kl_divergence(mixture_p, mixture_q)
+        distkl.options(method="quadrature")  # from here on
+        ```
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        unknown = sorted(set(kwargs) - set(_FIELDS))
-        if unknown:
-            raise TypeError(
-                f"Unknown distkl option(s) {unknown}; valid options are {list(_FIELDS)}."
-            )
-        self.previous = _CURRENT.get()
-        self.current = dataclasses.replace(self.previous, **kwargs)
-        self._token = _CURRENT.set(self.current)
+    def __init__(
+        self,
+        *,
+        method: str | _Unset = _UNSET,
+        num_samples: Optional[int] | _Unset = _UNSET,
+        generator: Optional[torch.Generator] | _Unset = _UNSET,
+        chunk_size: Optional[int] | _Unset = _UNSET,
+        quadrature_nodes: int | _Unset = _UNSET,
+    ) -> None:
+        given = {
+            "method": method,
+            "num_samples": num_samples,
+            "generator": generator,
+            "chunk_size": chunk_size,
+            "quadrature_nodes": quadrature_nodes,
+        }
+        self._changes: dict[str, Any] = {k: v for k, v in given.items() if v is not _UNSET}
+        previous = _CURRENT.get()
+        self.current = dataclasses.replace(previous, **self._changes)  # validates
+        _CURRENT.set(self.current)
+        self._pending_previous: Optional[Options] = previous
+        self._entries: list[_Entry] = []
 
     def __enter__(self) -> Options:
+        now = _CURRENT.get()
+        # The first block of an object began when the call applied it: it restores what was in
+        # force before that call. Later blocks begin at their ``__enter__``.
+        previous = now if self._pending_previous is None else self._pending_previous
+        self._pending_previous = None
+        self.current = dataclasses.replace(now, **self._changes)
+        _CURRENT.set(self.current)
+        entry = _Entry(previous, self._changes)
+        self._entries.append(entry)
+        _ACTIVE.set((*_ACTIVE.get(), entry))
         return self.current
 
     def __exit__(
@@ -170,10 +225,22 @@ class options:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        try:
-            _CURRENT.reset(self._token)
-        except ValueError:  # token made in another context: restore by value instead
-            _CURRENT.set(self.previous)
+        if not self._entries:
+            raise RuntimeError("distkl.options: __exit__ without a matching __enter__.")
+        entry = self._entries.pop()
+        active = _ACTIVE.get()
+        index = next((i for i, e in enumerate(active) if e is entry), None)
+        if index is None:  # entered in another context (thread or task): restore by value
+            _CURRENT.set(entry.previous)
+            return
+        # Blocks opened after this one and still open stay in force, replayed on top of what
+        # was in force before this one.
+        value = entry.previous
+        for later in active[index + 1 :]:
+            later.previous = value
+            value = dataclasses.replace(value, **later.changes)
+        _ACTIVE.set(active[:index] + active[index + 1 :])
+        _CURRENT.set(value)
 
     def __repr__(self) -> str:
         return f"distkl.options({self.current})"

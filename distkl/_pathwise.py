@@ -259,7 +259,7 @@ def _log_q_terms(
     independent of the samples keeps the estimate unbiased).
     """
     n = z.shape[0]
-    mu = gp.loc[..., 0, :].reshape(*gp.loc.shape[:-2], *gp.event_shape)
+    mu = gp.loc[..., 0, :].reshape(gp.loc.shape[:-2] + gp.event_shape)
     mu = mu.reshape(1, *(1,) * (z.dim() - 1 - mu.dim()), *mu.shape)
     x = torch.cat([z, mu.expand(1, *z.shape[1:])], 0) if controls else z
     if not is_gaussian_family(q):

@@ -13,7 +13,12 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.distributions import Categorical, LowRankMultivariateNormal, MultivariateNormal
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+)
 from torch.distributions import kl as _torch_kl
 from torch.distributions.multivariate_normal import _batch_mahalanobis
 
@@ -22,7 +27,9 @@ __all__ = [
     "built_from_probs",
     "capacitance_tril",
     "clear_kl_cache",
+    "default_validate_args",
     "exact_log_probs",
+    "kl_memo",
     "kl_table",
     "lowrank_factors",
     "scale_tril",
@@ -73,6 +80,11 @@ def built_from_probs(d: Categorical) -> bool:
     return d._param is d.__dict__.get("probs")
 
 
+def default_validate_args() -> bool:
+    """torch's default for ``validate_args=None`` (``Distribution.set_default_validate_args``)."""
+    return bool(Distribution._validate_args)
+
+
 def exact_log_probs(d: Categorical) -> Tensor:
     """Normalised log-probabilities ``(*batch, K)``, exact even for zero or tiny probabilities.
 
@@ -86,3 +98,11 @@ def exact_log_probs(d: Categorical) -> Tensor:
     keep = (probs > 0) | probs.isnan()
     log = torch.where(keep, probs, torch.ones_like(probs)).log()
     return torch.where(keep, log, torch.full_like(probs, -torch.inf))
+
+
+def kl_memo() -> dict[Pair, Callable[..., Tensor]]:
+    """torch's live dispatch memo (``torch.distributions.kl._KL_MEMOIZE``), the dict itself.
+
+    For code that must restore it exactly (``distkl.registry.preserved_registries``).
+    """
+    return _torch_kl._KL_MEMOIZE

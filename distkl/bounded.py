@@ -4,7 +4,6 @@ The Jensen-Shannon divergence is already bounded, with no squashing: :math:`0 \l
 \mathrm{JS}_\alpha(p, q) \le H(\alpha)` (:math:`\log 2` at the default ``skew=0.5``, reached
 exactly for disjoint supports). This module adds
 
-* :func:`js_divergence` -- re-exported from :mod:`distkl.registry`, in nats;
 * :func:`js_divergence_normalized` -- :math:`\mathrm{JS}_\alpha / H(\alpha) \in [0, 1]`; at
   ``skew=0.5`` this is the JSD in bits (base-2 logarithm);
 * :func:`js_distance` -- :math:`\sqrt{\mathrm{JS}_\alpha}`, a metric at ``skew=0.5``, with a
@@ -31,13 +30,13 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
-from distkl._checks import check_skew
-from distkl.registry import binary_entropy, js_divergence
-from distkl.rules.categorical import is_categorical_family, kl_categorical_mixture_pair
+from distkl._categorical import is_categorical_family, kl_categorical_mixture_pair
+from distkl._checks import check_choice, check_finite, check_skew
+from distkl._logspace import binary_entropy
+from distkl.registry import js_divergence
 
 __all__ = [
     "SATURATIONS",
-    "js_divergence",
     "js_divergence_normalized",
     "js_distance",
     "bounded_kl",
@@ -100,20 +99,6 @@ def js_distance(
     return _safe_sqrt(js_divergence(p, q, skew=skew))
 
 
-def _check_bound(bound: object) -> float:
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)):
-        raise TypeError(f"bound must be a positive finite number, got {type(bound).__name__}.")
-    b = float(bound)
-    if not (0.0 < b < math.inf):
-        raise ValueError(f"bound must be a positive finite number, got {bound!r}.")
-    return b
-
-
-def _check_saturation(saturation: str) -> None:
-    if saturation not in SATURATIONS:
-        raise ValueError(f"saturation must be one of {SATURATIONS}, got {saturation!r}.")
-
-
 def saturate(
     kl: Tensor,
     *,
@@ -147,8 +132,8 @@ def saturate(
     Returns:
         Tensor of the broadcast shape of ``kl`` (and ``entropy``).
     """
-    b = _check_bound(bound)
-    _check_saturation(saturation)
+    b = check_finite("bound", bound, minimum=0.0, strict=True)
+    check_choice("saturation", saturation, SATURATIONS)
     infinite = kl.abs() == math.inf
     x = torch.where(infinite, 0.0, kl)
     if saturation == "tanh":
@@ -217,8 +202,8 @@ def bounded_kl(
         NotImplementedError: no KL rule for the pair; ``"entropy"`` with a ``p`` that has no
             ``entropy()``.
     """
-    b = _check_bound(bound)
-    _check_saturation(saturation)
+    b = check_finite("bound", bound, minimum=0.0, strict=True)
+    check_choice("saturation", saturation, SATURATIONS)
     entropy = _entropy(p) if saturation == "entropy" else None
     if is_categorical_family(p) and is_categorical_family(q):
         kl = kl_categorical_mixture_pair(p, q)

@@ -122,6 +122,8 @@ class GaussianScorer:
     ) -> Tensor:
         """``rows`` (G, n, D) -> (G, n, K), in chunks of n under the intermediate budget."""
         g, n, _ = rows.shape
+        if n == 0:  # no samples: an empty result, as torch's log_prob gives
+            return rows.new_zeros((g, 0, self.num_components))
         step = max(1, _MAX_INTERMEDIATE // max(1, g * self.row_width))
         outs = [self.score_chunk(rows[:, lo : lo + step], params, bt) for lo in range(0, n, step)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)

@@ -18,10 +18,14 @@ distributions. Here ``reduction`` names what it does to the per-distribution div
   none); for ``(N, K)`` inputs with ``dim=-1`` this equals
   ``F.kl_div(log_q, p, reduction="batchmean")``.
 
-The building blocks :func:`kl_from_log_probs` and :func:`js_from_log_probs` take normalised
-log-probabilities and are what :mod:`distkl.rules.categorical` and the JSD rules use: zero
+The building blocks :func:`kl_from_log_probs` and :func:`js_from_log_probs` (re-exported from the
+kernel `distkl._logspace`, which the rules use too) take normalised log-probabilities: zero
 probabilities give exact values (``0 log 0 = 0``), ``KL = +inf`` (never NaN) where ``q = 0 < p``,
-and gradients are finite wherever the value is.
+NaN in gives NaN out, and gradients are finite wherever the value is.
+
+Value checks (NaN, infinities, negative weights) follow torch's ``validate_args``: on by default,
+off with ``validate_args=False`` or ``Distribution.set_default_validate_args(False)``, which saves
+their host-device synchronisations. Shape checks are always on.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from distkl._checks import check_same_num_categories, check_skew
-from distkl.registry import binary_entropy
+from distkl._checks import check_choice, check_same_num_categories, check_skew
+from distkl._logspace import js_from_log_probs, kl_from_log_probs, safe_log
+from distkl._torch_compat import default_validate_args
 
 __all__ = [
     "REDUCTIONS",
@@ -47,138 +52,14 @@ __all__ = [
 #: Valid values of ``reduction``.
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
-_NEG_INF = -math.inf
-
-
-# --------------------------------------------------------------------------------------------
-# Building blocks on normalised log-probabilities.
-
-
-def _check_categories(log_p: Tensor, log_q: Tensor, dim: int) -> None:
-    for name, t in (("p", log_p), ("q", log_q)):
-        if not -t.dim() <= dim < t.dim():
-            raise ValueError(
-                f"dim={dim} is out of range for {name} with shape {tuple(t.shape)}; the "
-                "category dimension must exist in both p and q."
-            )
-    check_same_num_categories(log_p.shape[dim], log_q.shape[dim])
-
-
-def kl_from_log_probs(log_p: Tensor, log_q: Tensor, dim: int = -1) -> Tensor:
-    r"""KL(p || q) in nats of categorical distributions given as normalised log-probabilities.
-
-    .. math::
-        \mathrm{KL}(p \| q) = \sum_k p_k \left(\log p_k - \log q_k\right),
-        \qquad 0 \log \tfrac{0}{q_k} = 0, \quad p_k \log \tfrac{p_k}{0} = +\infty
-
-    Entries equal to ``-inf`` are zero probabilities. Terms with ``p_k = 0`` are exactly 0; a
-    category with ``p_k > 0 = q_k`` makes the divergence ``+inf`` (never NaN). Inputs are masked
-    before the arithmetic, so gradients are finite wherever the value is (and where it is
-    infinite, too: zero for the masked entries). The result is clamped at 0 from below to
-    remove negative rounding.
-
-    Source: Cover & Thomas (2006), *Elements of Information Theory*, 2nd ed., eq. (2.26) and
-    the conventions that follow it.
-
-    Args:
-        log_p: normalised log-probabilities of ``p`` (``logsumexp`` over ``dim`` is 0).
-        log_q: normalised log-probabilities of ``q``; broadcasts with ``log_p``.
-        dim: the category dimension (same size in both).
-
-    Returns:
-        Tensor of the broadcast shape of ``log_p`` and ``log_q`` without ``dim``.
-
-    Raises:
-        ValueError: if the number of categories differs.
-    """
-    _check_categories(log_p, log_q, dim)
-    p_pos = log_p > _NEG_INF
-    q_zero = log_q == _NEG_INF
-    safe_log_p = torch.where(p_pos, log_p, 0.0)
-    safe_log_q = torch.where(q_zero, 0.0, log_q)
-    p = safe_log_p.exp()
-    terms = torch.where(p_pos, p * (safe_log_p - safe_log_q), 0.0)
-    kl = terms.sum(dim).clamp_min(0.0)
-    infinite = (p_pos & q_zero).any(dim)
-    return torch.where(infinite, math.inf, kl)
-
-
-def _upper(alpha: float, dtype: torch.dtype) -> float:
-    """The largest number of ``dtype`` that is <= H(alpha)."""
-    h = binary_entropy(alpha)
-    t = torch.tensor(h, dtype=dtype)
-    if t.item() > h:
-        t = torch.nextafter(t, torch.zeros((), dtype=dtype))
-    return float(t.item())
-
-
-def _clamp_range(js: Tensor, alpha: float) -> Tensor:
-    """Clamp rounding excursions into ``[0, H(alpha)]``; the truth lies there."""
-    return js.clamp(0.0, _upper(alpha, js.dtype))
-
-
-def _log_ratio_to_mix(d: Tensor, beta: float) -> Tensor:
-    r"""``-log(1 + beta (e^d - 1))`` for finite ``d``: ``-log1p(beta expm1(d))`` up to ``d = 1``
-    (exactly 0 at ``d = 0``, no cancellation near it), ``-logaddexp(log(1-beta), log(beta) + d)``
-    above (no overflow)."""
-    small = d <= 1.0
-    r_small = -torch.log1p(beta * torch.expm1(torch.where(small, d, 0.0)))
-    d_big = torch.where(small, 1.0, d)
-    r_big = -torch.logaddexp(torch.full_like(d_big, math.log1p(-beta)), math.log(beta) + d_big)
-    return torch.where(small, r_small, r_big)
-
-
-def _log_p_over_m(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
-    r"""``p_k log(p_k / m_k)`` per category, exact at zeros, accurate when ``p ~ q``.
-
-    With :math:`d = \log q_k - \log p_k`, :math:`\log(p_k / m_k) = -\log(1 + (1-\alpha)(e^d - 1))`
-    (:func:`_log_ratio_to_mix`); it is ``-log(alpha)`` where ``q_k = 0 < p_k``, and the term is 0
-    where ``p_k = 0``. Every input to a non-linear function is masked first, so gradients are
-    finite everywhere.
-    """
-    p_pos = log_p > _NEG_INF
-    both = p_pos & (log_q > _NEG_INF)
-    d = torch.where(both, log_q - log_p, 0.0)
-    r = torch.where(both, _log_ratio_to_mix(d, 1.0 - alpha), -math.log(alpha))
-    return torch.where(p_pos, torch.where(p_pos, log_p, 0.0).exp() * r, 0.0)
-
-
-def js_from_log_probs(log_p: Tensor, log_q: Tensor, *, skew: float = 0.5, dim: int = -1) -> Tensor:
-    r"""JS_alpha(p, q) in nats of categoricals given as normalised log-probabilities.
-
-    .. math::
-        \mathrm{JS}_\alpha(p, q) = \sum_k \Big[\alpha\, p_k \log\frac{p_k}{m_k}
-        + (1-\alpha)\, q_k \log\frac{q_k}{m_k}\Big], \qquad m_k = \alpha p_k + (1-\alpha) q_k
-
-    Each :math:`\log(p_k/m_k) = -\log(1 + (1-\alpha)(e^{\log q_k - \log p_k} - 1))` is computed
-    with ``log1p``/``expm1``, so the value keeps its relative precision when ``p`` and ``q``
-    nearly agree (where ``log p - log m`` would cancel); ``-inf`` entries (zero probabilities)
-    are exact, with finite gradients. The result is clamped into :math:`[0, H(\alpha)]`.
-
-    Source: Lin (1991), "Divergence measures based on the Shannon entropy", IEEE Trans. Inf.
-    Theory 37(1), eq. (4.1) with weights ``(alpha, 1 - alpha)``.
-
-    Returns:
-        Tensor of the broadcast shape of ``log_p`` and ``log_q`` without ``dim``.
-
-    Raises:
-        ValueError: if the numbers of categories differ, or ``skew`` is not in (0, 1).
-    """
-    alpha = check_skew(skew)
-    _check_categories(log_p, log_q, dim)
-    t_p = _log_p_over_m(log_p, log_q, alpha)
-    t_q = _log_p_over_m(log_q, log_p, 1.0 - alpha)
-    return _clamp_range((alpha * t_p + (1.0 - alpha) * t_q).sum(dim), alpha)
-
 
 # --------------------------------------------------------------------------------------------
 # Tensor front end: logits or probabilities in, validated.
 
 
-def _safe_log(probs: Tensor) -> Tensor:
-    """``log(probs)`` with ``-inf`` at zeros and a zero (not NaN) gradient there."""
-    pos = probs > 0
-    return torch.where(pos, torch.where(pos, probs, 1.0).log(), _NEG_INF)
+def _validate(validate_args: Optional[bool]) -> bool:
+    """``validate_args``, or torch's default (``set_default_validate_args``) when None."""
+    return default_validate_args() if validate_args is None else bool(validate_args)
 
 
 def log_probs(
@@ -187,55 +68,77 @@ def log_probs(
     probs: Optional[Tensor] = None,
     dim: int = -1,
     name: str = "p",
+    validate_args: Optional[bool] = None,
 ) -> Tensor:
     r"""Normalised log-probabilities along ``dim`` from exactly one of ``logits`` or ``probs``.
 
     ``logits`` are unnormalised log-probabilities (``-inf`` allowed for impossible categories);
     ``probs`` are non-negative weights, divided by their sum along ``dim`` (zeros give ``-inf``
-    exactly, unlike :class:`~torch.distributions.Categorical`, which clamps them to ``eps``).
+    exactly, unlike `torch.distributions.Categorical`, which clamps them to ``eps``).
+
+    Args:
+        logits: unnormalised log-probabilities.
+        probs: non-negative weights.
+        dim: the category dimension.
+        name: the distribution's name in error messages (``p`` gives ``p_logits``/``p_probs``).
+        validate_args: check the values (NaN, infinities, negative weights, rows without
+            mass), which costs host-device synchronisations; default: torch's
+            `Distribution` default (``torch.distributions.Distribution.set_default_validate_args``).
+            Without the checks, invalid values give NaN. Shapes are always checked.
 
     Returns:
         Tensor of the input's shape.
 
     Raises:
-        ValueError: if both or neither are given, if ``probs`` has negative, NaN or infinite
-            entries or a row summing to zero, or if ``logits`` has NaN or ``+inf`` entries or a
-            row of all ``-inf``. The message names ``name``.
+        ValueError: if both or neither are given, if the category dimension is empty, or (with
+            validation) if ``probs`` has negative, NaN or infinite entries or a row summing to
+            zero, or ``logits`` has NaN or ``+inf`` entries or a row of all ``-inf``. The
+            message names ``name``.
+        IndexError: ``dim`` is out of range.
+        TypeError: the input is not a real tensor.
     """
     if (logits is None) == (probs is None):
         raise ValueError(
             f"Give exactly one of {name}_logits or {name}_probs, got "
             f"{'both' if logits is not None else 'neither'}."
         )
+    what = f"{name}_logits" if logits is not None else f"{name}_probs"
+    given = logits if logits is not None else probs
+    assert given is not None
+    x = _as_float(given, what)
+    _check_dim(x, dim, what)
+    if x.shape[dim] == 0:
+        raise ValueError(
+            f"{what} must have at least one category along dim={dim}, got shape {tuple(x.shape)}."
+        )
+    check_values = _validate(validate_args) and x.device.type != "meta"
     if logits is not None:
-        x = _as_float(logits, f"{name}_logits")
-        _check_dim(x, dim, f"{name}_logits")
-        if torch.isnan(x).any():
-            raise ValueError(f"{name}_logits contains NaN.")
-        if (x == math.inf).any():
-            raise ValueError(f"{name}_logits contains +inf; use finite values or -inf.")
-        if (x == _NEG_INF).all(dim).any():
-            raise ValueError(
-                f"{name}_logits has a distribution whose entries along dim={dim} are all -inf."
-            )
+        if check_values:
+            _check_logits(x, dim, what)
         return torch.log_softmax(x, dim)
-    assert probs is not None
-    x = _as_float(probs, f"{name}_probs")
-    _check_dim(x, dim, f"{name}_probs")
+    if check_values:
+        _check_probs(x, dim, what)
+    return safe_log(x) - x.sum(dim, keepdim=True).log()
+
+
+def _check_logits(x: Tensor, dim: int, what: str) -> None:
     if torch.isnan(x).any():
-        raise ValueError(f"{name}_probs contains NaN.")
+        raise ValueError(f"{what} contains NaN.")
+    if (x == math.inf).any():
+        raise ValueError(f"{what} contains +inf; use finite values or -inf.")
+    if (x == -math.inf).all(dim).any():
+        raise ValueError(f"{what} has a distribution whose entries along dim={dim} are all -inf.")
+
+
+def _check_probs(x: Tensor, dim: int, what: str) -> None:
+    if torch.isnan(x).any():
+        raise ValueError(f"{what} contains NaN.")
     if torch.isinf(x).any():
-        raise ValueError(f"{name}_probs contains infinite entries.")
+        raise ValueError(f"{what} contains infinite entries.")
     if (x < 0).any():
-        raise ValueError(
-            f"{name}_probs must be non-negative, got a minimum of {x.min().item():.6g}."
-        )
-    total = x.sum(dim, keepdim=True)
-    if (total == 0).any():
-        raise ValueError(
-            f"{name}_probs has a distribution whose entries along dim={dim} are all zero."
-        )
-    return _safe_log(x) - total.log()
+        raise ValueError(f"{what} must be non-negative, got a minimum of {x.min().item():.6g}.")
+    if (x.sum(dim) == 0).any():
+        raise ValueError(f"{what} has a distribution whose entries along dim={dim} are all zero.")
 
 
 def _as_float(x: Tensor, what: str) -> Tensor:
@@ -248,18 +151,27 @@ def _as_float(x: Tensor, what: str) -> Tensor:
 
 def _check_dim(x: Tensor, dim: int, what: str) -> None:
     if not -x.dim() <= dim < x.dim():
-        raise ValueError(
-            f"dim={dim} is out of range for {what} with shape {tuple(x.shape)}; the category "
-            "dimension must exist."
+        raise IndexError(
+            f"dim={dim} is out of range for {what} with shape {tuple(x.shape)} (expected a dim "
+            f"in [{-x.dim()}, {x.dim() - 1}]); the category dimension must exist."
         )
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}.")
+def apply_reduction(values: Tensor, reduction: str) -> Tensor:
+    """Reduce per-distribution divergences as ``reduction`` says (see `distkl.functional`).
 
+    Args:
+        values: one divergence per distribution.
+        reduction: ``"none"``, ``"sum"``, ``"mean"`` (over distributions) or ``"batchmean"``
+            (the sum divided by the size of the first dimension, 1 for a scalar).
 
-def _reduce(values: Tensor, reduction: str) -> Tensor:
+    Returns:
+        ``values`` for ``"none"``, else a scalar Tensor.
+
+    Raises:
+        ValueError: an unknown ``reduction``.
+    """
+    check_choice("reduction", reduction, REDUCTIONS)
     if reduction == "none":
         return values
     if reduction == "sum":
@@ -270,22 +182,29 @@ def _reduce(values: Tensor, reduction: str) -> Tensor:
     return values.sum() / batch
 
 
-def _pair(
+def _log_prob_pair(
     p_logits: Optional[Tensor],
     p_probs: Optional[Tensor],
     q_logits: Optional[Tensor],
     q_probs: Optional[Tensor],
     dim: int,
-    reduction: str,
+    validate_args: Optional[bool],
 ) -> tuple[Tensor, Tensor, int]:
-    _check_reduction(reduction)
+    """Normalised ``(log_p, log_q, dim)``, ``dim`` counted from the end, shapes checked."""
+    raw = [t for t in (p_logits, p_probs, q_logits, q_probs) if isinstance(t, Tensor)]
+    ndim = max((t.dim() for t in raw), default=0)
+    if raw and not -ndim <= dim < ndim:
+        raise IndexError(
+            f"dim={dim} is out of range for inputs of {ndim} dimensions (expected a dim in "
+            f"[{-ndim}, {ndim - 1}])."
+        )
     if dim >= 0:
         # A non-negative dim indexes the broadcast shape; count from the end so that p and q
         # of different ndim line up.
-        raw = [t for t in (p_logits, p_probs, q_logits, q_probs) if isinstance(t, Tensor)]
-        dim = dim - max((t.dim() for t in raw), default=0)
-    log_p = log_probs(logits=p_logits, probs=p_probs, dim=dim, name="p")
-    log_q = log_probs(logits=q_logits, probs=q_probs, dim=dim, name="q")
+        dim = dim - ndim
+    check = validate_args
+    log_p = log_probs(logits=p_logits, probs=p_probs, dim=dim, name="p", validate_args=check)
+    log_q = log_probs(logits=q_logits, probs=q_probs, dim=dim, name="q", validate_args=check)
     check_same_num_categories(log_p.shape[dim], log_q.shape[dim])
     try:
         torch.broadcast_shapes(log_p.shape, log_q.shape)
@@ -304,6 +223,7 @@ def kl_divergence(
     q_probs: Optional[Tensor] = None,
     dim: int = -1,
     reduction: str = "none",
+    validate_args: Optional[bool] = None,
 ) -> Tensor:
     r"""KL(p || q) in nats of categorical distributions given by logits or probabilities.
 
@@ -331,17 +251,23 @@ def kl_divergence(
         dim: the category dimension.
         reduction: ``"none"`` (default), ``"sum"``, ``"mean"`` or ``"batchmean"``; see
             :mod:`distkl.functional`.
+        validate_args: check the input values (NaN, infinities, negative weights, rows without
+            mass; each check is a host-device synchronisation). Default: torch's
+            ``Distribution`` default, as for ``Categorical(..., validate_args=None)``. Without
+            the checks, invalid values give NaN. Shapes are always checked.
 
     Returns:
         With ``reduction="none"``, a Tensor of the broadcast input shape without ``dim``;
         otherwise a scalar Tensor.
 
     Raises:
-        ValueError: invalid probabilities or logits, different numbers of categories, shapes
-            that do not broadcast, or an unknown ``reduction``.
+        ValueError: invalid probabilities or logits (with validation), different numbers of
+            categories, shapes that do not broadcast, or an unknown ``reduction``.
+        IndexError: ``dim`` is outside ``[-ndim, ndim)``.
     """
-    log_p, log_q, dim = _pair(p_logits, p_probs, q_logits, q_probs, dim, reduction)
-    return _reduce(kl_from_log_probs(log_p, log_q, dim), reduction)
+    check_choice("reduction", reduction, REDUCTIONS)
+    log_p, log_q, dim = _log_prob_pair(p_logits, p_probs, q_logits, q_probs, dim, validate_args)
+    return apply_reduction(kl_from_log_probs(log_p, log_q, dim), reduction)
 
 
 def js_divergence(
@@ -353,6 +279,7 @@ def js_divergence(
     skew: float = 0.5,
     dim: int = -1,
     reduction: str = "none",
+    validate_args: Optional[bool] = None,
 ) -> Tensor:
     r"""JS_alpha(p, q) in nats of categorical distributions given by logits or probabilities.
 
@@ -376,11 +303,13 @@ def js_divergence(
         skew: ``alpha`` in (0, 1), the weight of ``p`` in the mixture ``m``.
         dim: the category dimension.
         reduction: ``"none"`` (default), ``"sum"``, ``"mean"`` or ``"batchmean"``.
+        validate_args: check the input values, as in :func:`kl_divergence`.
 
     Returns:
         With ``reduction="none"``, a Tensor of the broadcast input shape without ``dim``;
         otherwise a scalar Tensor.
     """
     check_skew(skew)
-    log_p, log_q, dim = _pair(p_logits, p_probs, q_logits, q_probs, dim, reduction)
-    return _reduce(js_from_log_probs(log_p, log_q, skew=skew, dim=dim), reduction)
+    check_choice("reduction", reduction, REDUCTIONS)
+    log_p, log_q, dim = _log_prob_pair(p_logits, p_probs, q_logits, q_probs, dim, validate_args)
+    return apply_reduction(js_from_log_probs(log_p, log_q, skew=skew, dim=dim), reduction)

@@ -20,14 +20,13 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from distkl._checks import check_same_event_shape, unsupported
+from distkl._checks import check_finite, check_positive_int, check_same_event_shape, unsupported
 
 __all__ = ["kl_free_bits", "kl_annealing"]
 
 
 def _reduce_batch(kl: Tensor, batch_dims: int, batch_shape: torch.Size) -> Tensor:
-    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
-        raise ValueError(f"batch_dims must be a non-negative int, got {batch_dims!r}.")
+    check_positive_int("batch_dims", batch_dims, minimum=0)
     if batch_dims > len(batch_shape):
         raise ValueError(
             f"batch_dims={batch_dims} exceeds the number of batch dimensions of the KL, "
@@ -39,15 +38,17 @@ def _reduce_batch(kl: Tensor, batch_dims: int, batch_shape: torch.Size) -> Tenso
 
 
 def kl_free_bits(
-    q: Distribution,
-    p: Distribution,
     *,
+    posterior: Distribution,
+    prior: Distribution,
     free_bits: float,
     batch_dims: int = 1,
     per_dimension: bool = True,
 ) -> Tensor:
-    r"""KL(q || p) in nats with "free bits": each dimension's minibatch-mean KL clamped below.
+    r"""KL(posterior || prior) in nats with "free bits": each dimension's minibatch-mean KL clamped.
 
+    The arguments are keyword-only and named, so the direction cannot be swapped: this is
+    $\mathrm{KL}(q \| p)$ with $q$ = ``posterior`` and $p$ = ``prior``, the VAE's KL term.
     With ``per_dimension=True`` (the default) ``q`` and ``p`` must both be factorised Gaussians,
     ``Independent(Normal, r)`` with the same event shape; each of the event's elements ``j`` is one
     latent dimension:
@@ -72,8 +73,8 @@ def kl_free_bits(
     bits" objective (latent dimensions divided into groups; here one group per dimension).
 
     Args:
-        q: the posterior :math:`q(z \mid x)`, batch shape ``(*minibatch, *rest)``.
-        p: the prior :math:`p(z)`; its batch shape must broadcast with ``q``'s.
+        posterior: the posterior :math:`q(z \mid x)`, batch shape ``(*minibatch, *rest)``.
+        prior: the prior :math:`p(z)`; its batch shape must broadcast with the posterior's.
         free_bits: :math:`\lambda \ge 0`, in nats per dimension (per group when
             ``per_dimension=False``).
         batch_dims: how many leading batch dimensions to average over before clamping
@@ -85,21 +86,22 @@ def kl_free_bits(
         (a scalar for a plain minibatch).
 
     Raises:
+        TypeError: ``free_bits`` is not a real number.
         ValueError: for a negative or non-finite ``free_bits``, an invalid ``batch_dims``, or
             event shapes that differ.
         NotImplementedError: with ``per_dimension=True``, when ``q`` or ``p`` is not a factorised
             Gaussian ``Independent(Normal, r)``.
     """
-    lam = float(free_bits)
-    if not (math.isfinite(lam) and lam >= 0.0):
-        raise ValueError(f"free_bits must be a finite number >= 0 (nats), got {free_bits!r}.")
+    lam = check_finite("free_bits", free_bits, minimum=0.0)
+    q, p = posterior, prior
     if not per_dimension:
         kl = kl_divergence(q, p)
         return _reduce_batch(kl, batch_dims, kl.shape).clamp(min=lam)
 
-    supported = ["Independent(Normal, r) for both q and p (use per_dimension=False otherwise)"]
-    for role, d in (("q (per-dimension free bits)", q), ("p (per-dimension free bits)", p)):
-        if not (isinstance(d, Independent) and type(d.base_dist) is Normal):
+    supported = ["Independent(Normal, r) for both (use per_dimension=False otherwise)"]
+    roles = (("posterior (per-dimension free bits)", q), ("prior (per-dimension free bits)", p))
+    for role, d in roles:
+        if not (isinstance(d, Independent) and isinstance(d.base_dist, Normal)):
             raise unsupported(role, d, supported)
     assert isinstance(q, Independent) and isinstance(p, Independent)
     check_same_event_shape(q, p)
@@ -150,17 +152,13 @@ def kl_annealing(
         ValueError: for a negative ``step`` or ``warmup``, a non-finite ``start``/``end``, or a
             ``cycle`` smaller than ``warmup`` or than 1.
     """
-    for name, value in (("step", step), ("warmup", warmup)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
+    check_positive_int("step", step, minimum=0)
+    check_positive_int("warmup", warmup, minimum=0)
     if not (math.isfinite(start) and math.isfinite(end)):
         raise ValueError(f"start and end must be finite, got {start!r} and {end!r}.")
     tau = step
     if cycle is not None:
-        if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < max(1, warmup):
-            raise ValueError(
-                f"cycle must be an int >= max(1, warmup) = {max(1, warmup)}, got {cycle!r}."
-            )
+        check_positive_int("cycle", cycle, minimum=max(1, warmup))
         tau = step % cycle
     if warmup == 0 or tau >= warmup:
         return float(end)

@@ -31,18 +31,12 @@ from typing import Optional
 from torch import Tensor, nn
 from torch.distributions import Distribution, kl_divergence
 
-from distkl._checks import check_skew
-from distkl.bounded import _check_bound, _check_saturation, bounded_kl, js_divergence_normalized
-from distkl.functional import REDUCTIONS, _reduce
+from distkl._checks import check_choice, check_finite, check_skew
+from distkl.bounded import SATURATIONS, bounded_kl, js_divergence_normalized
+from distkl.functional import REDUCTIONS, apply_reduction
 from distkl.registry import js_divergence
 
 __all__ = ["JSDLoss", "KLLoss", "REDUCTIONS"]
-
-
-def _check_reduction(reduction: str) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    return reduction
 
 
 class JSDLoss(nn.Module):
@@ -74,7 +68,7 @@ class JSDLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.skew = check_skew(skew)
-        self.reduction = _check_reduction(reduction)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.normalized = bool(normalized)
 
     def forward(self, p: Distribution, q: Distribution) -> Tensor:
@@ -82,7 +76,7 @@ class JSDLoss(nn.Module):
             values = js_divergence_normalized(p, q, skew=self.skew)
         else:
             values = js_divergence(p, q, skew=self.skew)
-        return _reduce(values, self.reduction)
+        return apply_reduction(values, self.reduction)
 
     def extra_repr(self) -> str:
         return f"skew={self.skew}, reduction={self.reduction!r}, normalized={self.normalized}"
@@ -113,17 +107,18 @@ class KLLoss(nn.Module):
         self, *, reduction: str = "mean", bound: Optional[float] = None, saturation: str = "tanh"
     ) -> None:
         super().__init__()
-        self.reduction = _check_reduction(reduction)
-        self.bound = None if bound is None else _check_bound(bound)
-        _check_saturation(saturation)
-        self.saturation = saturation
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        if bound is not None:
+            bound = check_finite("bound", bound, minimum=0.0, strict=True)
+        self.bound = bound
+        self.saturation = check_choice("saturation", saturation, SATURATIONS)
 
     def forward(self, p: Distribution, q: Distribution) -> Tensor:
         if self.bound is None:
             values = kl_divergence(p, q)
         else:
             values = bounded_kl(p, q, bound=self.bound, saturation=self.saturation)
-        return _reduce(values, self.reduction)
+        return apply_reduction(values, self.reduction)
 
     def extra_repr(self) -> str:
         if self.bound is None:

@@ -346,9 +346,9 @@ def train(
         with _kl_context(prior, num_samples=mc_samples, generator=g):
             kl = kl_divergence(q, p).mean()  # minibatch mean of KL(q(z|x) || p(z))
         if free_bits > 0 and per_dim:
-            kl_reg = kl_free_bits(q, p, free_bits=free_bits)  # per latent dimension
+            kl_reg = kl_free_bits(posterior=q, prior=p, free_bits=free_bits)  # per latent dim
         elif free_bits > 0:
-            # = kl_free_bits(q, p, free_bits=..., per_dimension=False), without a second estimate
+            # = kl_free_bits(posterior=q, prior=p, free_bits=..., per_dimension=False), once
             kl_reg = kl.clamp(min=free_bits)
         else:
             kl_reg = kl

@@ -18,15 +18,15 @@ from torch.distributions import (
 )
 
 import distkl.jsd  # noqa: F401  (registers the JSD rules)
+from distkl._logspace import binary_entropy
 from distkl.bounded import (
     SATURATIONS,
     bounded_kl,
     js_distance,
-    js_divergence,
     js_divergence_normalized,
     saturate,
 )
-from distkl.registry import binary_entropy
+from distkl.registry import js_divergence
 
 LOG2 = math.log(2.0)
 NEG_INF = -math.inf

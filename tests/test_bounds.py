@@ -25,7 +25,8 @@ from torch.distributions import (
 )
 
 from distkl._gaussian import as_gaussian_mixture, mixture_log_density, to_float64
-from distkl.bounds import KLBounds, _all_bounds, kl_bounds
+from distkl.bounds import KLBounds, kl_bounds
+from distkl.bounds._combine import all_bounds
 from distkl.quadrature import kl_quadrature
 from tests.conftest import F64, Z
 from tests.examples import by_family, params
@@ -155,7 +156,7 @@ def test_every_general_bound_is_valid_in_1d(pair):
     # any dimension: check each one, without the 1-D cell bounds, against quadrature.
     p, q = pair
     ref = kl_quadrature(p, q, nodes=256).item()
-    lowers, uppers = _all_bounds(
+    lowers, uppers = all_bounds(
         to_float64(as_gaussian_mixture(p)), to_float64(as_gaussian_mixture(q)), cells=False
     )
     slack = SLACK * ref + 1e-14

@@ -25,12 +25,13 @@ from torch.distributions import (
 from torch.distributions import kl as torch_kl
 
 import distkl.rules.categorical as rules
-from distkl.registry import kl_rules
-from distkl.rules.categorical import (
+from distkl import bounded_kl, js_divergence
+from distkl._categorical import (
     categorical_log_probs,
     is_categorical_family,
     kl_categorical_mixture_pair,
 )
+from distkl.registry import kl_rules
 from tests.examples import EDGE, INFINITE, by_family, params
 
 ROWS = by_family("categorical")
@@ -354,7 +355,7 @@ def test_subclass_dispatch(device):
         Categorical(logits=torch.zeros(2, device=device)),
         OneHotCategoricalStraightThrough(logits=torch.randn(2, 3, device=device)),
     )
-    assert torch_kl._dispatch_kl(type(st), Categorical) is rules._kl_onehotcategorical_categorical
+    assert torch_kl._dispatch_kl(type(st), Categorical) is rules._kl_categorical_onehotcategorical
     expected = entropy(st.probs.cpu().numpy(), cat.probs.cpu().numpy())
     assert kl_divergence(st, cat).item() == pytest.approx(expected, rel=1e-5)
     assert kl_divergence(cat, st).item() == pytest.approx(
@@ -413,3 +414,126 @@ def test_mixture_batch_broadcasting(dtype):
     assert kl.shape == (2, 4)
     np.testing.assert_allclose(kl.numpy(), ref_kl(m, q), **tol(dtype))
     np.testing.assert_allclose(kl_divergence(q, m).numpy(), ref_kl(q, m), **tol(dtype))
+
+
+# ---- NaN, batch shapes, subclasses (issue 11) -------------------------------------------------
+
+
+def _nan_family(device: torch.device) -> dict[str, Distribution]:
+    """Categorical-family distributions with a NaN in the first batch row, validation off."""
+    bad = torch.tensor([[0.1, math.nan, 0.4], [0.1, 0.2, 0.4]], device=device)
+    off = {"validate_args": False}
+    return {
+        "Categorical(logits)": Categorical(logits=bad, **off),
+        "Categorical(probs)": Categorical(probs=bad, **off),
+        "OneHotCategorical(logits)": OneHotCategorical(logits=bad, **off),
+        "OneHotCategorical(probs)": OneHotCategorical(probs=bad, **off),
+        "Mixture(NaN weight)": MixtureSameFamily(
+            Categorical(probs=torch.tensor([[math.nan, 1.0], [0.5, 0.5]], device=device), **off),
+            Categorical(logits=torch.zeros(2, 2, 3, device=device), **off),
+            **off,
+        ),
+        "Mixture(NaN component)": MixtureSameFamily(
+            Categorical(logits=torch.zeros(2, 2, device=device), **off),
+            OneHotCategorical(logits=bad.unsqueeze(-2).expand(2, 2, 3), **off),
+            **off,
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Categorical(logits)",
+        "Categorical(probs)",
+        "OneHotCategorical(logits)",
+        "OneHotCategorical(probs)",
+        "Mixture(NaN weight)",
+        "Mixture(NaN component)",
+    ],
+)
+def test_nan_in_gives_nan_out_without_validation(name, device, monkeypatch):
+    # OneHotCategorical builds its inner Categorical with torch's default validation.
+    monkeypatch.setattr(Distribution, "_validate_args", False)
+    bad = _nan_family(device)[name]
+    good = torch.tensor([0.3, 0.3, 0.4], device=device)
+    partners = [Categorical(probs=good), OneHotCategorical(probs=good)]
+    for other in partners:
+        if type(other) is type(bad):  # torch's own rule, not distkl's
+            continue
+        for p, q in [(bad, other), (other, bad)]:
+            for value in (
+                kl_divergence(p, q),
+                kl_categorical_mixture_pair(p, q),
+                js_divergence(p, q),
+                bounded_kl(p, q, bound=1.0),
+            ):
+                assert value.shape == (2,)
+                assert value[0].isnan() and torch.isfinite(value[1]), (name, type(other), value)
+
+
+def test_nan_with_torch_default_validation_off(monkeypatch):
+    monkeypatch.setattr(Distribution, "_validate_args", False)
+    p = Categorical(logits=torch.tensor([math.nan, 0.0, 0.0]))
+    q = OneHotCategorical(logits=torch.zeros(3))
+    assert kl_divergence(p, q).isnan() and kl_divergence(q, p).isnan()
+
+
+def test_nan_with_validation_on_is_value_error():
+    with pytest.raises(ValueError):
+        Categorical(logits=torch.tensor([math.nan, 0.0]), validate_args=True)
+
+
+def test_nonbroadcasting_batch_shapes_are_value_errors():
+    p = Categorical(logits=torch.zeros(2, 3))
+    q = OneHotCategorical(logits=torch.zeros(3, 3))
+    mix = MixtureSameFamily(
+        Categorical(logits=torch.zeros(3, 2)), Categorical(logits=torch.zeros(3, 2, 3))
+    )
+    for a, b in [(p, q), (q, p), (p, mix), (mix, p)]:
+        for fn in (kl_divergence, js_divergence):
+            with pytest.raises(ValueError, match=r"batch shapes must broadcast, got \(\d,\) and"):
+                fn(a, b)
+        with pytest.raises(ValueError, match="batch shapes must broadcast"):
+            bounded_kl(a, b, bound=1.0)
+
+
+class _MyCategorical(Categorical):
+    pass
+
+
+class _MyOneHot(OneHotCategorical):
+    pass
+
+
+def test_subclasses_are_supported_everywhere():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    p, q = _MyCategorical(logits=a), _MyOneHot(logits=b)
+    mix = MixtureSameFamily(
+        _MyCategorical(logits=torch.zeros(4, 2)),
+        _MyOneHot(logits=torch.randn(4, 2, 5, generator=g)),
+    )
+    assert is_categorical_family(p) and is_categorical_family(q) and is_categorical_family(mix)
+    ref_pq = ref_kl(p, q)
+    np.testing.assert_allclose(kl_divergence(p, q).numpy(), ref_pq, rtol=2e-5)
+    np.testing.assert_allclose(bounded_kl(p, q, bound=1e6).numpy(), ref_pq, rtol=2e-5)
+    np.testing.assert_allclose(kl_divergence(mix, p).numpy(), ref_kl(mix, p), rtol=2e-5)
+    np.testing.assert_allclose(kl_divergence(q, mix).numpy(), ref_kl(q, mix), rtol=2e-5)
+    js = js_divergence(p, q)
+    js_plain = js_divergence(Categorical(logits=a), OneHotCategorical(logits=b))
+    torch.testing.assert_close(js, js_plain)
+    torch.testing.assert_close(js_divergence(mix, p), js_divergence(p, mix, skew=0.5))
+
+
+def test_kl_and_jsd_of_a_copy_are_exactly_zero(dtype):
+    # A copy, not the same object: no identity shortcut can answer.
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 6, generator=g, dtype=dtype)
+    p = OneHotCategorical(logits=logits)
+    twin = Categorical(logits=logits.clone() + 0.0)
+    assert torch.all(kl_divergence(p, twin) == 0) and torch.all(kl_divergence(twin, p) == 0)
+    assert torch.all(js_divergence(p, twin) == 0)
+    # Built from probs instead of logits: equal up to the rounding of exp and log.
+    js = js_divergence(twin, OneHotCategorical(probs=p.probs.clone()))
+    assert torch.all(js.abs() <= (1e-15 if dtype == torch.float64 else 1e-7)), js

@@ -16,6 +16,7 @@ from scipy.stats import entropy
 from torch.distributions import Categorical, kl_divergence
 
 import distkl.rules.categorical  # noqa: F401  (registers the categorical rules)
+from distkl._logspace import binary_entropy
 from distkl.functional import (
     REDUCTIONS,
     js_divergence,
@@ -26,7 +27,6 @@ from distkl.functional import (
 from distkl.functional import (
     kl_divergence as fkl,
 )
-from distkl.registry import binary_entropy
 
 INF = math.inf
 
@@ -305,7 +305,6 @@ def test_integer_counts_are_probabilities():
         ({"p_logits": torch.zeros(3), "p_probs": torch.ones(3)}, "exactly one of p_logits"),
         ({}, "got neither"),
         ({"p_logits": torch.zeros(4)}, "same number of categories, got 4 and 3"),
-        ({"p_logits": torch.zeros(3), "dim": 2}, "out of range"),
     ],
 )
 def test_invalid_inputs(kwargs, message):
@@ -316,7 +315,9 @@ def test_invalid_inputs(kwargs, message):
 
 
 def test_invalid_reduction_lists_valid_ones():
-    with pytest.raises(ValueError, match="none, sum, mean, batchmean; got 'avg'"):
+    with pytest.raises(
+        ValueError, match="reduction must be one of 'none', 'sum', 'mean', 'batchmean', got 'avg'"
+    ):
         fkl(p_logits=torch.zeros(3), q_logits=torch.zeros(3), reduction="avg")
     assert REDUCTIONS == ("none", "sum", "mean", "batchmean")
 
@@ -349,3 +350,91 @@ def test_functional_matches_distribution_rules():
         fkl(p_logits=a, q_logits=b),
         kl_divergence(Categorical(logits=a), OneHotCategorical(logits=b)),
     )
+
+
+# ---- silent wrong values and side effects (issue 11) ------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [fkl, js_divergence])
+@pytest.mark.parametrize("dim", [2, 5, -3])
+def test_dim_out_of_range_is_index_error_naming_the_dim(fn, dim):
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(IndexError, match=f"dim={dim} is out of range"):
+        fn(p_logits=x, q_logits=y, dim=dim)
+    with pytest.raises(IndexError, match=f"dim={dim} is out of range"):
+        log_probs(logits=x, dim=dim)
+
+
+@pytest.mark.parametrize("which", ["p_logits", "p_probs", "q_logits", "q_probs"])
+@pytest.mark.parametrize("switch", ["keyword", "torch_default"])
+def test_nan_in_gives_nan_out_without_validation(which, switch, monkeypatch):
+    side = which[0]
+    other = "q" if side == "p" else "p"
+    bad = torch.tensor([[0.2, math.nan, 0.3], [0.2, 0.5, 0.3]])
+    kwargs = {which: bad, f"{other}_probs": torch.tensor([0.1, 0.5, 0.4])}
+    if switch == "keyword":
+        kwargs["validate_args"] = False
+    else:
+        monkeypatch.setattr(torch.distributions.Distribution, "_validate_args", False)
+    for fn in (fkl, js_divergence):
+        out = fn(**kwargs)
+        assert out[0].isnan() and torch.isfinite(out[1]), (fn.__name__, out)
+        assert fn(reduction="sum", **kwargs).isnan()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"p_probs": torch.tensor([0.5, -0.1, 0.6])},
+        {"p_probs": torch.tensor([0.0, 0.0, 0.0])},
+        {"p_probs": torch.tensor([0.5, INF, 0.5])},
+        {"p_logits": torch.tensor([0.5, INF, 0.5])},
+        {"p_logits": torch.tensor([-INF, -INF, -INF])},
+    ],
+)
+def test_invalid_values_give_nan_without_validation(kwargs):
+    assert fkl(q_probs=torch.ones(3), validate_args=False, **kwargs).isnan()
+    assert js_divergence(q_probs=torch.ones(3), validate_args=False, **kwargs).isnan()
+    with pytest.raises(ValueError):
+        fkl(q_probs=torch.ones(3), validate_args=True, **kwargs)
+
+
+def test_validate_args_false_makes_no_host_sync(monkeypatch):
+    calls: list[str] = []
+    original_bool, original_item = torch.Tensor.__bool__, torch.Tensor.item
+
+    def counting_bool(self: torch.Tensor) -> bool:
+        calls.append("bool")
+        return original_bool(self)
+
+    def counting_item(self: torch.Tensor) -> object:
+        calls.append("item")
+        return original_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    x, y = torch.randn(4, 5), torch.rand(4, 5)
+    fkl(p_logits=x, q_probs=y, validate_args=True)
+    assert calls.count("bool") >= 4  # the value checks are there ...
+    calls.clear()
+    fkl(p_logits=x, q_probs=y, validate_args=False, reduction="mean")
+    assert calls == []  # ... and gated off
+
+
+def test_meta_tensors_give_meta_results():
+    x = torch.empty(4, 5, device="meta")
+    for fn in (fkl, js_divergence):
+        out = fn(p_logits=x, q_probs=x)
+        assert out.device.type == "meta" and out.shape == (4,)
+        assert fn(p_logits=x, q_logits=x, reduction="batchmean").device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["p_logits", "p_probs"])
+def test_zero_categories_named(name):
+    with pytest.raises(ValueError, match=f"{name} must have at least one category"):
+        fkl(**{name: torch.zeros(3, 0)}, q_probs=torch.ones(3, 0))
+
+
+def test_bad_skew_names_skew():
+    with pytest.raises(TypeError, match="skew must be a Python float.*NoneType"):
+        js_divergence(p_logits=torch.zeros(3), q_logits=torch.zeros(3), skew=None)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from torch.distributions import Categorical, Independent, Normal, kl_divergence
 
 import distkl
 import distkl.jsd  # noqa: F401  (registers the JSD rules)
+from distkl import functional
 from distkl.bounded import bounded_kl, js_divergence_normalized
 from distkl.losses import REDUCTIONS, JSDLoss, KLLoss
 from distkl.registry import js_divergence
@@ -127,3 +128,25 @@ def test_gaussian_losses_with_gradients(device):
         loss = JSDLoss()(p, q) + KLLoss(bound=math.log(2))(p, q)
     loss.backward()
     assert torch.isfinite(loc.grad).all() and (loc.grad != 0).any()
+
+
+def test_reduction_message_is_the_functional_one():
+    with pytest.raises(ValueError) as from_loss:
+        KLLoss(reduction="avg")
+    with pytest.raises(ValueError) as from_functional:
+        functional.kl_divergence(p_logits=torch.zeros(2), q_logits=torch.zeros(2), reduction="avg")
+    assert str(from_loss.value) == str(from_functional.value)
+    assert "reduction must be one of 'none', 'sum', 'mean', 'batchmean', got 'avg'" in str(
+        from_loss.value
+    )
+
+
+@pytest.mark.parametrize("bound", ["1", True, torch.tensor(1.0)])
+def test_bound_of_the_wrong_type_is_named(bound):
+    with pytest.raises(TypeError, match="bound must be a finite number > 0"):
+        KLLoss(bound=bound)
+
+
+def test_skew_none_is_named():
+    with pytest.raises(TypeError, match="skew must be a Python float in \\(0, 1\\), got NoneType"):
+        JSDLoss(skew=None)  # type: ignore[arg-type]

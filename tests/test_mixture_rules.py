@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -23,10 +21,19 @@ from torch.distributions import kl as torch_kl
 
 import distkl
 import distkl.rules.mixture as mixture_rules
+from distkl import registry
 from distkl.montecarlo import kl_mc
 from distkl.registry import kl_rules
 from tests.conftest import Z
 from tests.examples import by_family, params
+
+ROWS = {e.id: e for e in by_family("mixture")}
+SCALAR = ROWS["MixtureSameFamily(Normal)-MixtureSameFamily(Normal)"]  # 1-D events
+SCALAR_SINGLE = ROWS["Normal-MixtureSameFamily(Normal)"]
+VECTOR = ROWS["MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal)"]
+CATEGORICAL_MIXTURES = {e.id: e for e in by_family("categorical")}[
+    "MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical)"
+]
 
 MSF = MixtureSameFamily
 PAIRS = [
@@ -91,13 +98,16 @@ def test_example_rows_on_device(ex, device, dtype):
 
 
 def test_identical_mixture_is_zero():
-    p, _ = by_family("mixture")[0].build("cpu", torch.float64)
-    with distkl.options(method="mc"):
-        assert (kl_divergence(p, p) == 0).all()
+    p, _ = SCALAR.build("cpu", torch.float64)
+    copy, _ = SCALAR.build("cpu", torch.float64)  # equal parameters, another object
+    for method in ("mc", "quadrature", "variational", "unscented"):
+        with distkl.options(method=method):
+            assert (kl_divergence(p, p) == 0).all()
+            assert (kl_divergence(p, copy).abs() <= 1e-12).all(), method
 
 
 def test_auto_is_mc_for_multivariate_events():
-    p, q = by_family("mixture")[4].build("cpu", torch.float64)
+    p, q = VECTOR.build("cpu", torch.float64)
     assert p.event_shape == (3,)
     with distkl.options(method="auto", generator=torch.Generator().manual_seed(3)):
         auto = kl_divergence(p, q)
@@ -107,32 +117,30 @@ def test_auto_is_mc_for_multivariate_events():
 
 
 def test_quadrature_needs_a_1d_event():
-    p, q = by_family("mixture")[4].build("cpu", torch.float64)
+    p, q = VECTOR.build("cpu", torch.float64)
     with distkl.options(method="quadrature"):
         with pytest.raises(ValueError, match=r"1-D event \(event shape \(\)\)"):
             kl_divergence(p, q)
 
 
 @pytest.mark.parametrize(
-    "method, module, name, kwargs",
+    "method, name, kwargs",
     [
-        ("quadrature", "distkl.quadrature", "kl_quadrature", {"nodes": 17}),
-        ("variational", "distkl.approx", "kl_variational", {}),
-        ("unscented", "distkl.approx", "kl_unscented", {}),
+        ("quadrature", "kl_quadrature", {"nodes": 17}),
+        ("variational", "kl_variational", {}),
+        ("unscented", "kl_unscented", {}),
     ],
 )
-def test_deterministic_methods_dispatch(method, module, name, kwargs, monkeypatch):
-    """The rule calls the deterministic helper's function with the documented signature."""
+def test_deterministic_methods_dispatch(method, name, kwargs, monkeypatch):
+    """The rule calls the method's function with the documented signature."""
     calls = []
-    fake = types.ModuleType(module)
 
     def recorder(p, q, **kw):
         calls.append((p, q, kw))
         return torch.full(torch.broadcast_shapes(p.batch_shape, q.batch_shape), 1.25)
 
-    setattr(fake, name, recorder)
-    monkeypatch.setitem(sys.modules, module, fake)
-    p, q = by_family("mixture")[0].build("cpu", torch.float64)  # 1-D events
+    monkeypatch.setattr(mixture_rules, name, recorder)
+    p, q = SCALAR.build("cpu", torch.float64)  # 1-D events
     with distkl.options(method=method, quadrature_nodes=17):
         value = kl_divergence(p, q)
     assert calls and calls[0][0] is p and calls[0][1] is q and calls[0][2] == kwargs
@@ -140,33 +148,29 @@ def test_deterministic_methods_dispatch(method, module, name, kwargs, monkeypatc
 
 
 def test_auto_is_quadrature_for_1d_events(monkeypatch):
-    fake = types.ModuleType("distkl.quadrature")
-    fake.kl_quadrature = lambda p, q, *, nodes: torch.tensor(float(nodes))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "distkl.quadrature", fake)
-    p, q = by_family("mixture")[1].build("cpu", torch.float64)
+    monkeypatch.setattr(
+        mixture_rules, "kl_quadrature", lambda p, q, *, nodes: torch.tensor(float(nodes))
+    )
+    p, q = SCALAR_SINGLE.build("cpu", torch.float64)
     with distkl.options(method="auto", quadrature_nodes=33):
         assert kl_divergence(p, q).item() == 33.0
 
 
 def test_real_quadrature_agrees_with_mc():
-    """Integration with the deterministic helper's module (skipped while it is absent)."""
-    quadrature = pytest.importorskip("distkl.quadrature", reason="distkl.quadrature not built yet")
-    p, q = by_family("mixture")[0].build("cpu", torch.float64)
-    det = quadrature.kl_quadrature(p, q, nodes=128)
+    p, q = SCALAR.build("cpu", torch.float64)
+    det = distkl.kl_quadrature(p, q, nodes=128)
     est = kl_mc(p, q, num_samples=50_000, generator=torch.Generator().manual_seed(4))
     assert ((det - est.value).abs() < Z * est.stderr).all(), (det, est)
 
 
 def test_categorical_mixtures_are_delegated(monkeypatch):
     calls = []
-    fake = types.ModuleType("distkl.rules.categorical")
 
     def pair(p, q):
         calls.append((p, q))
         return torch.zeros(())
 
-    fake.kl_categorical_mixture_pair = pair  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "distkl.rules.categorical", fake)
+    monkeypatch.setattr(mixture_rules, "kl_categorical_mixture_pair", pair)
     p = MSF(Categorical(logits=torch.zeros(2)), Categorical(logits=torch.randn(2, 4)))
     q = MSF(Categorical(logits=torch.zeros(3)), OneHotCategorical(logits=torch.randn(3, 4)))
     mixture_rules._kl_mixture_mixture(p, q)
@@ -235,18 +239,88 @@ def test_invalid_options_are_refused():
         distkl.options(num_samples=0)
     with pytest.raises(TypeError, match="generator"):
         distkl.options(generator=0)
-    p, q = by_family("mixture")[4].build("cpu", torch.float64)
-    with distkl.options(method="mc", num_samples=3):
-        with pytest.raises(ValueError, match="at least 2 per mixture component"):
-            kl_divergence(p, q)
+    p, q = VECTOR.build("cpu", torch.float64)
+    with distkl.options(method="mc", num_samples=3):  # fewer than 2 per component: accepted
+        assert kl_divergence(p, q).isfinite().all()
 
 
 @pytest.mark.parametrize("method", ["variational", "unscented"])
 def test_real_approximations_dispatch(method):
-    """Integration with distkl.approx (skipped while it is absent): shape and finiteness."""
-    pytest.importorskip("distkl.approx", reason="distkl.approx not built yet")
-    p, q = by_family("mixture")[4].build("cpu", torch.float64)
+    """The registered rule returns exactly what the approximation returns."""
+    p, q = VECTOR.build("cpu", torch.float64)
     with distkl.options(method=method):
         value = kl_divergence(p, q)
-    assert value.shape == torch.broadcast_shapes(p.batch_shape, q.batch_shape)
-    assert torch.isfinite(value).all()
+    direct = {"variational": distkl.kl_variational, "unscented": distkl.kl_unscented}[method]
+    torch.testing.assert_close(value, direct(p, q), rtol=0, atol=0)
+
+
+# ---- one method table for KL and JSD (issue 13.2) -------------------------------------------
+
+
+def test_one_method_table_for_kl_and_jsd():
+    assert set(mixture_rules.METHODS) | {"auto"} == set(distkl._options.METHODS)
+    for name, method in mixture_rules.METHODS.items():
+        assert method.kl is not None
+        assert (method.jsd is None) == (name in ("variational", "unscented"))
+
+
+@pytest.mark.parametrize("method", ["variational", "unscented"])
+@pytest.mark.parametrize("row", [SCALAR, VECTOR], ids=["scalar", "vector"])
+def test_jsd_refuses_a_method_without_jsd(method, row):
+    """Was: silently ran "auto" (quadrature or Monte Carlo) under these methods."""
+    p, q = row.build("cpu", torch.float64)
+    with distkl.options(method=method):
+        with pytest.raises(ValueError, match=f"method='{method}'.*no JSD counterpart"):
+            distkl.js_divergence(p, q)
+        # Two single Gaussians of the same event shape.
+        single = p.component_distribution
+        if single.event_shape:
+            one = Independent(Normal(torch.zeros(single.event_shape), 1.0), 1)
+            other = MultivariateNormal(torch.ones(single.event_shape), torch.eye(3))
+        else:
+            one, other = Normal(0.0, 1.0), Normal(1.0, 2.0)
+        with pytest.raises(ValueError, match="no JSD counterpart"):
+            distkl.js_divergence(one, other)
+
+
+@pytest.mark.parametrize("method, name", [("quadrature", "jsd_quadrature"), ("mc", "jsd_mc")])
+def test_jsd_methods_dispatch(method, name, monkeypatch):
+    calls = []
+
+    def recorder(p, q, **kw):
+        calls.append(kw)
+        value = torch.full(torch.broadcast_shapes(p.batch_shape, q.batch_shape), 0.25)
+        return value if name == "jsd_quadrature" else distkl.Estimate(value, value, 1)
+
+    monkeypatch.setattr(mixture_rules, name, recorder)
+    p, q = SCALAR.build("cpu", torch.float64)
+    g = torch.Generator()
+    with distkl.options(method=method, quadrature_nodes=17, num_samples=8, generator=g):
+        assert (distkl.js_divergence(p, q, skew=0.3) == 0.25).all()
+    expected = (
+        {"skew": 0.3, "nodes": 17}
+        if method == "quadrature"
+        else {"skew": 0.3, "num_samples": 8, "generator": g, "chunk_size": None}
+    )
+    assert calls == [expected]
+
+
+def test_jsd_quadrature_needs_a_1d_event():
+    p, q = VECTOR.build("cpu", torch.float64)
+    with distkl.options(method="quadrature"):
+        with pytest.raises(ValueError, match=r"1-D event \(event shape \(\)\)"):
+            distkl.js_divergence(p, q)
+
+
+# ---- per-call kind of the mixture-vs-mixture rules (issue 11.12) ------------------------------
+
+
+def test_mixture_pair_kind_follows_the_components():
+    cat_p, cat_q = CATEGORICAL_MIXTURES.build("cpu", torch.float64)
+    gauss_p, gauss_q = SCALAR.build("cpu", torch.float64)
+    for lookup in (registry.lookup_kl, registry.lookup_jsd):
+        _, info = lookup(MSF, MSF)
+        assert info is not None and info.module == mixture_rules.__name__
+        assert info.kind_for(cat_p, cat_q) == "exact"
+        assert info.kind_for(gauss_p, gauss_q) == "estimate"
+        assert info.kind_summary == "exact for categorical components, estimate otherwise"

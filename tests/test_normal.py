@@ -28,6 +28,7 @@ from torch.distributions import kl as torch_kl
 
 import distkl.rules.normal as normal_rules
 from distkl.registry import kl_rules
+from tests.conftest import F64
 from tests.examples import by_family, params
 
 ROWS = by_family("normal")
@@ -450,3 +451,48 @@ def test_dispatch_through_subclasses_without_ambiguity_warning():
 
 
 # ---- the user guide page -------------------------------------------------------------------
+
+
+# ---- issue 11.7: a factor row that dominates its diagonal -------------------------------------
+
+
+def test_dominant_lowrank_row_is_finite_and_exact(dtype):
+    """KL(N(0, 1) || LowRank(0, [[1e4]], 1)) = (1/(1 + 1e8) - 1 + log(1 + 1e8)) / 2 = 8.7103.
+
+    ``x = w~' C^-1 w~`` rounded to 1 in float32 and ``log1p(-x)`` gave NaN; torch's LowRank-LowRank
+    rule gives 8.7103 on the same pair.
+    """
+    w = torch.tensor([[1e4]], dtype=dtype, requires_grad=True)
+    q = LowRankMultivariateNormal(torch.zeros(1, dtype=dtype), w, torch.ones(1, dtype=dtype))
+    p = Independent(Normal(torch.zeros(1, dtype=dtype), torch.ones(1, dtype=dtype)), 1)
+    value = kl_divergence(p, q)
+    truth = 0.5 * (1.0 / (1.0 + 1e8) - 1.0 + mpmath.log(1 + mpmath.mpf(10) ** 8))
+    assert abs(value.item() - float(truth)) <= 1e-6 * float(truth), value
+    (grad,) = torch.autograd.grad(value, w)
+    assert torch.isfinite(grad).all()
+    # d/dw of the closed form (1/(1 + w^2) - 1 + log(1 + w^2)) / 2 = w^3 / (1 + w^2)^2.
+    ww = 1e4
+    torch.testing.assert_close(grad.double().item(), ww**3 / (1 + ww**2) ** 2, rtol=1e-4, atol=0)
+
+
+def test_dominant_lowrank_row_in_a_larger_factor():
+    """D = 5, r = 2, one row scaled by 1e6 (float64, cond(C) ~ 1e12) against mpmath at 50 digits.
+
+    The capacitance's conditioning limits every Woodbury-based rule here: ours must be finite
+    and no less accurate than torch's own LowRank-LowRank rule on the same pair (2.6e-5 nats off).
+    """
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 2, generator=g, dtype=F64)
+    W[2] *= 1e6
+    q = LowRankMultivariateNormal(
+        torch.randn(5, generator=g, dtype=F64), W, torch.rand(5, generator=g, dtype=F64) + 0.5
+    )
+    p = Independent(
+        Normal(torch.randn(5, generator=g, dtype=F64), torch.rand(5, generator=g, dtype=F64) + 0.5),
+        1,
+    )
+    got = kl_divergence(p, q).item()
+    exact = mp_kl(p, q)
+    as_lowrank = LowRankMultivariateNormal(p.mean, torch.zeros(5, 1, dtype=F64), p.variance)
+    torch_error = abs(kl_divergence(as_lowrank, q).item() - exact)
+    assert abs(got - exact) <= min(torch_error, 1e-5 * exact), (got, exact, torch_error)

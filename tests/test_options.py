@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import pytest
@@ -57,7 +58,9 @@ def test_generator_is_kept():
         ({"chunk_size": -1}, ValueError, "chunk_size must be a positive int"),
         ({"quadrature_nodes": 0}, ValueError, "quadrature_nodes"),
         ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
-        ({"num_sample": 10}, TypeError, r"Unknown distkl option\(s\) \['num_sample'\]"),
+        ({"num_sample": 10}, TypeError, "unexpected keyword argument 'num_sample'"),
+        ({"num_samples": 10**40}, ValueError, "num_samples must be at most"),
+        ({"quadrature_nodes": 10**40}, ValueError, "quadrature_nodes must be at most"),
     ],
 )
 def test_invalid_options_raise_clear_errors(kwargs, error, match):
@@ -86,3 +89,79 @@ def test_threads_do_not_see_each_others_blocks():
         t.join()
     assert seen == {"a": "mc", "b": "quadrature"}
     assert get_options() == Options()
+
+
+def test_huge_num_samples_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"num_samples must be at most \d+, got 1000000000"):
+        options(num_samples=10**40)
+    assert get_options() == Options()
+
+
+def test_reused_context_object_applies_on_every_enter():
+    ctx = options(method="mc", num_samples=11)  # the call applies it ...
+    with ctx:
+        assert get_options().method == "mc"
+    assert get_options() == Options()
+    with ctx as opts:  # ... and so does every later ``with``
+        assert opts.method == "mc" and get_options().num_samples == 11
+    assert get_options() == Options()
+    with ctx:
+        with ctx:  # re-entrant
+            assert get_options().method == "mc"
+        assert get_options().method == "mc"
+    assert get_options() == Options()
+
+
+def test_first_block_restores_what_was_before_the_call():
+    ctx = options(method="mc")
+    options(num_samples=5)  # a plain call between the construction and the ``with``
+    with ctx:
+        assert get_options() == Options(method="mc", num_samples=5)
+    assert get_options() == Options()  # the block began at the call, as before 0.2
+    options(num_samples=6)
+    with ctx:  # later blocks begin at their ``with``
+        assert get_options() == Options(method="mc", num_samples=6)
+    assert get_options() == Options(num_samples=6)
+
+
+def test_out_of_order_exit_restores_the_defaults():
+    a, b = options(method="mc"), options(num_samples=9)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)  # out of order: b stays in force, a is undone
+    assert get_options() == Options(num_samples=9)
+    b.__exit__(None, None, None)
+    assert get_options() == Options()
+
+
+def test_out_of_order_exit_of_three_blocks():
+    a, b, c = options(method="mc"), options(num_samples=9), options(quadrature_nodes=7)
+    for ctx in (a, b, c):
+        ctx.__enter__()
+    b.__exit__(None, None, None)
+    assert get_options() == Options(method="mc", quadrature_nodes=7)
+    a.__exit__(None, None, None)
+    assert get_options() == Options(quadrature_nodes=7)
+    c.__exit__(None, None, None)
+    assert get_options() == Options()
+
+
+def test_exit_without_enter_is_an_error():
+    with pytest.raises(RuntimeError, match="without a matching __enter__"):
+        options(method="mc").__exit__(None, None, None)
+
+
+def test_options_signature_is_typed_and_keyword_only():
+    params = inspect.signature(options).parameters
+    assert list(params) == ["method", "num_samples", "generator", "chunk_size", "quadrature_nodes"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    with pytest.raises(TypeError):
+        options("mc")  # type: ignore[misc]
+
+
+def test_explicit_none_resets_generator_and_chunk_size():
+    g = torch.Generator()
+    options(generator=g, chunk_size=64)
+    with options(generator=None, chunk_size=None):
+        assert get_options().generator is None and get_options().chunk_size is None
+    assert get_options().generator is g and get_options().chunk_size == 64

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import (
     Categorical,
+    Distribution,
     LowRankMultivariateNormal,
     MultivariateNormal,
     Normal,
@@ -70,3 +71,22 @@ def test_exact_log_probs_keeps_zero_tiny_and_nan() -> None:
     assert not nan.isnan().any()
     bad = Categorical(probs=torch.tensor([float("nan"), 1.0]), validate_args=False)
     assert compat.exact_log_probs(bad).isnan().any()
+
+
+def test_default_validate_args_follows_set_default_validate_args() -> None:
+    before = compat.default_validate_args()
+    try:
+        Distribution.set_default_validate_args(False)
+        assert compat.default_validate_args() is False
+        Distribution.set_default_validate_args(True)
+        assert compat.default_validate_args() is True
+    finally:
+        Distribution.set_default_validate_args(before)
+
+
+def test_kl_memo_is_torchs_live_memo() -> None:
+    compat.clear_kl_cache()
+    kl_divergence(Normal(0.0, 1.0), Normal(1.0, 1.0))
+    memo = compat.kl_memo()
+    assert memo is torch.distributions.kl._KL_MEMOIZE
+    assert memo[Normal, Normal] is torch.distributions.kl._kl_normal_normal

@@ -6,26 +6,25 @@ elements checked, false-failure rate 1e-3 unless stated).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
-from torch.distributions import Categorical, Independent, Normal, kl_divergence
-from torch.distributions import kl as torch_kl
+from torch.distributions import Categorical, Independent, Normal
 
 import distkl
 import distkl.jsd  # noqa: F401  (JSD rules; `import distkl` may not import them yet)
 import distkl.rules.categorical  # noqa: F401
 import distkl.rules.mixture  # noqa: F401
 import distkl.rules.normal  # noqa: F401
-from distkl import registry
-from distkl.examples import Example
+from distkl.examples import EXAMPLES, Example
+from distkl.registry import registered_jsd, registered_kl
 from distkl.verify import (
     CheckResult,
     check_jsd,
     check_kl,
     check_values,
+    plan_verify,
     run_verify,
     z_threshold,
 )
@@ -34,28 +33,6 @@ from tests.examples import INFINITE
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-@contextlib.contextmanager
-def planted_kl(type_p: type, type_q: type, fn, kind: str = "exact"):
-    """Register ``fn`` for a throwaway pair and remove every trace of it afterwards."""
-    registry.register_kl(type_p, type_q, kind=kind)(fn)
-    try:
-        yield
-    finally:
-        torch_kl._KL_REGISTRY.pop((type_p, type_q), None)
-        registry._KL_RULES.pop((type_p, type_q), None)
-        torch_kl._KL_MEMOIZE.clear()
-
-
-@contextlib.contextmanager
-def planted_jsd(type_p: type, type_q: type, fn, kind: str = "exact"):
-    registry.register_jsd(type_p, type_q, kind=kind)(fn)
-    try:
-        yield
-    finally:
-        registry._JSD_RULES.pop((type_p, type_q), None)
-        registry._dispatch_jsd.cache_clear()
 
 
 class _P(Normal):
@@ -99,7 +76,7 @@ def test_z_threshold():
 
 def test_check_kl_passes_a_correct_rule(device, dtype):
     p, q = _ordinary_pair(dtype, device)
-    with planted_kl(_P, _Q, _normal_kl):
+    with registered_kl(_P, _Q, _normal_kl):
         res = check_kl(p, q, generator=_gen(0))
     assert isinstance(res, CheckResult)
     assert res.passed, str(res)
@@ -118,7 +95,7 @@ def test_check_kl_catches_a_rule_wrong_by_ten_percent(device, dtype, factor):
     def wrong(p: Normal, q: Normal) -> torch.Tensor:
         return factor * _normal_kl(p, q)
 
-    with planted_kl(_P, _Q, wrong):
+    with registered_kl(_P, _Q, wrong):
         res = check_kl(p, q, generator=_gen(1))
     assert not res.passed, str(res)
     assert not bool(res.element_passed.any()), f"every element is 10% off:\n{res}"
@@ -129,7 +106,7 @@ def test_check_kl_broadcasts_batch_shapes():
     q = _Q(
         torch.linspace(-1, 1, 2, dtype=torch.float64), torch.full((2,), 1.5, dtype=torch.float64)
     )
-    with planted_kl(_P, _Q, _normal_kl):
+    with registered_kl(_P, _Q, _normal_kl):
         res = check_kl(p, q, num_samples=20_000, generator=_gen(2))
     assert res.z.shape == (3, 2)
     assert res.passed, str(res)
@@ -185,7 +162,7 @@ def _ind_pair():
 
 def test_estimate_rule_is_checked_with_its_own_stderr():
     p, q = _ind_pair()
-    with planted_kl(_IndP, _IndQ, _mc_rule, kind="estimate"):
+    with registered_kl(_IndP, _IndQ, _mc_rule, kind="estimate"):
         res = check_kl(p, q, num_samples=20_000, generator=_gen(6))
     assert res.kind == "estimate" and res.method == "mc"
     assert bool((res.rule_stderr > 0).all())
@@ -199,14 +176,14 @@ def test_estimate_rule_wrong_by_ten_percent_fails():
     def wrong(p, q):
         return 1.1 * _mc_rule(p, q)
 
-    with planted_kl(_IndP, _IndQ, wrong, kind="estimate"):
+    with registered_kl(_IndP, _IndQ, wrong, kind="estimate"):
         res = check_kl(p, q, num_samples=50_000, generator=_gen(7))
     assert not res.passed, str(res)
 
 
 def test_exact_rule_that_depends_on_the_seed_is_refused():
     p, q = _ind_pair()
-    with planted_kl(_IndP, _IndQ, _mc_rule, kind="exact"):
+    with registered_kl(_IndP, _IndQ, _mc_rule, kind="exact"):
         with pytest.raises(ValueError, match="kind='estimate'"):
             check_kl(p, q, num_samples=2_000, generator=_gen(8))
 
@@ -228,27 +205,31 @@ def _cat_pair():
 @pytest.mark.parametrize("skew", [0.5, 0.2])
 def test_check_jsd_passes_a_correct_rule_and_catches_a_wrong_one(skew):
     p, q = _cat_pair()
-    with planted_jsd(_CatP, _CatQ, _cat_jsd):
+    with registered_jsd(_CatP, _CatQ, _cat_jsd):
         good = check_jsd(p, q, skew=skew, generator=_gen(10))
     assert good.passed and good.divergence == "JSD", str(good)
 
     def wrong(p, q, alpha):
         return 1.1 * _cat_jsd(p, q, alpha)
 
-    with planted_jsd(_CatP, _CatQ, wrong):
+    with registered_jsd(_CatP, _CatQ, wrong):
         bad = check_jsd(p, q, skew=skew, generator=_gen(10))
     assert not bad.passed, str(bad)
 
 
-def test_verify_passes_on_the_real_registry(device, dtype):
-    report = run_verify(devices=[str(device)], dtypes=[dtype], num_samples=4096)
-    assert report.rows, "no check ran"
-    assert report.passed(), report.table()
-    kl_rows = {r.pair for r in report.rows if r.divergence == "KL"}
+def test_verify_passes_on_the_real_registry(device):
+    """The whole table once: even rows in float32, odd rows in float64 (both dtypes covered)."""
+    rows = []
+    for dtype, table in ((torch.float32, EXAMPLES[0::2]), (torch.float64, EXAMPLES[1::2])):
+        report = run_verify(devices=[str(device)], dtypes=[dtype], examples=table, num_samples=4096)
+        assert report.passed(), report.table()
+        rows += report.rows
+    assert {r.pair for r in rows} == {ex.id for ex in EXAMPLES}
+    kl_rows = {r.pair for r in rows if r.divergence == "KL"}
     assert "Normal-MixtureSameFamily(Normal)" in kl_rows
     assert "Categorical-OneHotCategorical" in kl_rows
     # estimate rules: quadrature in 1-D, Monte Carlo otherwise
-    methods = {r.result.method for r in report.rows if r.result is not None}
+    methods = {r.result.method for r in rows if r.result is not None}
     assert {"quadrature", "mc"} <= methods
 
 
@@ -263,18 +244,25 @@ def test_verify_fails_on_a_planted_wrong_rule():
     def wrong(p, q):
         return 1.1 * _normal_kl(p, q)
 
-    with planted_kl(_P, _Q, wrong):
+    with registered_kl(_P, _Q, wrong):
         report = run_verify(devices=["cpu"], examples=[_planted_row()], num_samples=50_000)
         assert not report.passed()
         assert [r.pair for r in report.failures] == ["_P-_Q", "_P-_Q"]  # float32 and float64
         assert "FAIL" in report.table()
-    with planted_kl(_P, _Q, _normal_kl):
+    # the report fits 100 columns, explains its columns and lists failures with a command
+    text = report.render()
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    tail = text[text.index("failures") :].replace(" \\\n      ", " ")
+    assert "KL _P-_Q cpu float32: z = " in tail and "KL _P-_Q cpu float64: z = " in tail
+    assert "python -m distkl verify --only _P-_Q --kind kl --device cpu --dtype float64" in tail
+    assert "[i/n] = that" in text  # the legend explains the index after z
+    with registered_kl(_P, _Q, _normal_kl):
         report = run_verify(devices=["cpu"], examples=[_planted_row()], num_samples=50_000)
         assert report.passed(), report.table()
 
 
 def test_verify_lists_rules_without_an_example_row_and_rows_without_a_rule():
-    with planted_kl(_P, _Q, _normal_kl):
+    with registered_kl(_P, _Q, _normal_kl):
         report = run_verify(devices=["cpu"], dtypes=[torch.float64], only="no-such-row")
         assert any("_P-_Q" in gap for gap in report.gaps), report.gaps
     assert not report.rows and not report.passed()  # nothing checked is not a pass
@@ -303,17 +291,57 @@ def test_verify_json_is_plain_data():
     assert len(row["z"]) == len(row["analytic"]) == math.prod(row["shape"])
 
 
-def test_kl_rule_for_uses_the_dispatched_pair():
-    from distkl.verify import jsd_rule_for, kl_rule_for
+CATEGORICAL_MIXTURES = "MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical)"
 
-    fn, info = kl_rule_for(Normal, Normal)
-    assert fn is torch_kl._KL_REGISTRY[Normal, Normal] and info is None  # torch's own
-    p, q = _ordinary_pair()
-    assert kl_divergence(Normal(p.loc, p.scale), Normal(q.loc, q.scale)).shape == (4,)
-    # the same function registered for pairs of different kinds: the pair's kind is used
-    from torch.distributions import MixtureSameFamily, OneHotCategorical
 
-    cat = jsd_rule_for(MixtureSameFamily, OneHotCategorical)
-    mix = jsd_rule_for(MixtureSameFamily, Normal)
-    assert cat is not None and mix is not None
-    assert cat.kind == "exact" and mix.kind == "estimate"
+def test_mixture_of_categoricals_is_checked_as_exact():
+    """Issue 11.12: the kind is what the rule computes for the actual components."""
+    plan = plan_verify(only=CATEGORICAL_MIXTURES, divergences=("KL",))
+    assert [(c.divergence, c.kind) for c in plan.checks] == [("KL", "exact")]
+    (ex,) = [e for e in EXAMPLES if e.id == CATEGORICAL_MIXTURES]
+    p, q = ex.build()
+    result = check_kl(p, q, num_samples=4096, generator=_gen(11))
+    assert result.kind == "exact" and result.method is None and result.passed, str(result)
+    gauss = plan_verify(only="MixtureSameFamily(Normal)-MixtureSameFamily(Normal)")
+    assert {c.kind for c in gauss.checks} == {"estimate"}
+
+
+def test_plan_counts_the_elements_and_filters_by_kind():
+    plan = plan_verify(devices=["cpu"], dtypes=[torch.float64], divergences=("JSD",))
+    assert plan.checks and {c.divergence for c in plan.checks} == {"JSD"}
+    assert plan.num_elements == sum(c.num_elements for c in plan.checks)
+    assert plan.z_threshold == z_threshold(plan.num_elements)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_samples": 1}, "num_samples must be an int >= 2"),
+        ({"alpha": 1.0}, "alpha must lie strictly between 0 and 1"),
+        ({"divergences": ("KLD",)}, "divergence"),
+    ],
+)
+def test_plan_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_verify(**kwargs)
+
+
+def test_run_verify_sets_threads_for_the_run_only():
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = run_verify(
+            devices=["cpu"],
+            dtypes=[torch.float64],
+            examples=[_planted_row()],
+            num_samples=64,
+            threads=1,
+            progress=lambda line: seen.append(torch.get_num_threads()),
+        )
+        assert seen and set(seen) == {1} and report.threads == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        run_verify(examples=[], threads=0)

@@ -5,9 +5,13 @@ The engine estimates $\mathbb{E}_{x \sim p}[f(x)]$ for a mixture $p = \sum_k w_k
 1. **stratifying over the components** with the weights applied analytically,
    $\mathbb{E}_p[f] = \sum_k w_k\, \mathbb{E}_{p_k}[f]$: each batch element gives component
    ``k`` a fixed share $n_k \approx w_k N$ of the ``N`` samples (proportional allocation,
-   at least two each), so the between-component variance disappears and the estimate is never
-   noisier than sampling the mixture (its variance is $\sum_k w_k \sigma_k^2 / N$ against
-   $(\sum_k w_k \sigma_k^2 + \sum_k w_k (\mu_k - \mu)^2) / N$) (`_strata`);
+   at least $\min(64, \lfloor N / 16K \rfloor)$ and at least two each, so that a tiny-weight
+   component's variance is not estimated from two draws), so the between-component variance
+   disappears and the estimate is never noisier than sampling the mixture (its variance is
+   $\sum_k w_k \sigma_k^2 / N$ against
+   $(\sum_k w_k \sigma_k^2 + \sum_k w_k (\mu_k - \mu)^2) / N$). With fewer than two samples
+   per component the weights' CDF is cut into ``N`` intervals, one draw each (`_strata`):
+   still unbiased, at any ``N >= 1``;
 2. **control variates with known means**, fitted per stratum by regression and **cross-fitted**:
    the samples of each stratum are split in two folds, the coefficients for one fold come from
    the other fold, so the estimate stays exactly unbiased and its standard error honest. The
@@ -34,6 +38,7 @@ have finite variance for every Gaussian-family pair.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Callable, Optional
 
@@ -42,12 +47,17 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from distkl._checks import batch_shape_of, check_same_event_shape, check_skew
+from distkl._logspace import clamp_to_js_range
 from distkl._options import get_options, samples_per_pair
 from distkl._pathwise import kl_pathwise, pathwise_applies
-from distkl.functional import _clamp_range
 from distkl.montecarlo._engine import run
 from distkl.montecarlo._estimate import Estimate
-from distkl.montecarlo._integrand import KLIntegrand, bounded_terms, equal_parameters, log_density
+from distkl.montecarlo._integrand import (
+    KLIntegrand,
+    bounded_terms,
+    log_density,
+    same_distribution,
+)
 from distkl.montecarlo._samplers import Draw, make_sampler
 
 __all__ = ["Estimate", "expectation", "kl_mc", "jsd_mc"]
@@ -62,6 +72,7 @@ def expectation(
     chunk_size: Optional[int] = None,
     batch_shape: Optional[Sequence[int]] = None,
     control_variates: bool = True,
+    f_range: Optional[tuple[float, float]] = None,
 ) -> Estimate:
     r"""Stratified Monte Carlo estimate of :math:`\mathbb{E}_{x \sim p}[f(x)]`, with its stderr.
 
@@ -71,8 +82,9 @@ def expectation(
             \big(f(x_{ki}) - \beta_k^\top c_k(x_{ki})\big)
 
     For a ``MixtureSameFamily`` ``p`` each batch element gives component ``k`` a share
-    :math:`n_k \approx w_k N` of the ``N`` samples (at least 2); other distributions are one
-    stratum. :math:`c_k(x) = \log p_k(x) + H(p_k)` is a zero-mean control variate when the
+    :math:`n_k \approx w_k N` of the ``N`` samples (at least 2, see the module docstring; with
+    fewer than 2 per component, one draw per interval of the weights' CDF); other distributions
+    are one stratum. :math:`c_k(x) = \log p_k(x) + H(p_k)` is a zero-mean control variate when the
     components' entropy is known (all Gaussian families), with coefficients fitted by regression
     on the other half of the stratum's samples (cross-fitting: exactly unbiased). Gaussian
     components are reparameterized (gradients flow pathwise into the components, exactly into
@@ -95,11 +107,16 @@ def expectation(
     Args:
         p: the sampling distribution (``rsample`` or ``sample``).
         f: the integrand, see above.
-        num_samples: samples per batch element (``N``); at least 2 per mixture component.
+        num_samples: samples per batch element (``N``), any ``N >= 1``; the stderr is NaN where
+            it cannot be estimated (a single sample per element).
         generator: a :class:`torch.Generator` (on ``p``'s device) making the draws reproducible.
         chunk_size: samples drawn and reduced at a time (default: from a memory budget).
         batch_shape: expand ``p`` to this batch shape first (independent draws per element).
         control_variates: fit the control variate (default ``True``).
+        f_range: ``(low, high)`` bounds of ``f`` when known: the standard error then also
+            allows for a value in that range the draws never hit (half a pseudo-sample at the
+            far end per stratum), which keeps intervals honest when almost every draw gives the
+            same value (near-disjoint JSD).
 
     Returns:
         :class:`Estimate` with ``value`` and ``stderr`` of shape
@@ -119,6 +136,7 @@ def expectation(
         use_controls=control_variates,
         out_batch=None,
         row_elements=sampler.row_elements() * max(1, sampler.batch_shape.numel()) * 4,
+        value_range=f_range,
     )
 
 
@@ -157,8 +175,11 @@ def kl_mc(
         p: any distribution with ``rsample`` or ``sample`` (Gaussian families and their
             ``MixtureSameFamily`` get the fast stratified path).
         q: any distribution with ``log_prob`` and the same event shape.
-        num_samples: samples per batch element; at least 2 per component of ``p``
-            (default: the :func:`distkl.options` value).
+        num_samples: samples per batch element, any ``N >= 1`` (default: the
+            :func:`distkl.options` value, else a per-call budget shared by the batch). Below 2
+            per component of ``p`` the weights' CDF is stratified into ``N`` intervals (unbiased;
+            the stderr from adjacent pairs of intervals is conservative); with ``N = 1`` the
+            stderr is NaN: one draw says nothing about the spread.
         generator: a :class:`torch.Generator` on ``p``'s device; the same generator state gives
             the same estimate (default: the options' generator, else torch's global one).
         chunk_size: samples drawn and reduced at a time (default: the options' value, else
@@ -184,7 +205,8 @@ def kl_mc(
     check_same_event_shape(p, q)
     batch = batch_shape_of(p, q)
     n = samples_per_pair(opts.num_samples if num_samples is None else num_samples, batch.numel())
-    if samples is not None or pathwise_applies(p, q, n):  # one Gaussian p: distkl._pathwise
+    # One Gaussian p: distkl._pathwise. An empty batch stays here (an empty result, no draws).
+    if samples is not None or (batch.numel() > 0 and pathwise_applies(p, q, n)):
         r = kl_pathwise(
             p,
             q,
@@ -206,7 +228,7 @@ def kl_mc(
         out_batch=batch,
         row_elements=integrand.row_elements(),
     )
-    equal = equal_parameters(p, q, batch, sampler, integrand.gq)
+    equal = same_distribution(p, q, batch, est.value.device)
     if equal is not None:
         zero = torch.zeros_like(est.value)
         est = Estimate(torch.where(equal, zero, est.value), torch.where(equal, zero, est.stderr), n)
@@ -243,9 +265,15 @@ def jsd_mc(
     :math:`\log(p/m)` and :math:`\log(q/m)` it cuts the variance several-fold
     (``benchmarks/bench_jsd_mc.py``).
 
+    The standard error allows for values the draws never hit: the terms are bounded, and each
+    stratum counts half a pseudo-sample at the far end of the range
+    (``expectation(f_range=...)``), so near-disjoint pairs, where almost every draw gives the
+    same term, still get intervals that cover (measured: 0.95-0.98 where the overlap is reached
+    by a few draws, conservative where no draw reaches it).
+
     Both expectations run on :func:`distkl.montecarlo.expectation` without control variates
     (which could leave the range): stratified over mixture components with proportional
-    allocation (at least 2 per component), chunked, reparameterized for Gaussian families
+    allocation (any ``num_samples >= 1``), chunked, reparameterized for Gaussian families
     (pathwise gradients, exact ones for the mixture weights) and any ``rsample`` family, with a
     score-function term otherwise. ``p`` and ``q`` need ``log_prob`` on each other's samples.
 
@@ -271,7 +299,7 @@ def jsd_mc(
         from ``p`` and ``q`` together (``2 * num_samples``).
 
     Raises:
-        ValueError: bad ``skew`` or ``num_samples`` (fewer than 2 per mixture component),
+        ValueError: bad ``skew`` or ``num_samples`` (not a positive int),
             different event shapes, batch shapes that do not broadcast.
         TypeError: ``generator`` is not a :class:`torch.Generator`.
     """
@@ -299,11 +327,15 @@ def jsd_mc(
             chunk_size=opts.chunk_size if chunk_size is None else chunk_size,
             batch_shape=batch_shape,
             control_variates=False,
+            f_range=(0.0, bound),
         )
-        for d, f in ((p, u), (q, v))
+        for d, f, bound in ((p, u, -math.log(alpha)), (q, v, -math.log1p(-alpha)))
     )
     value = alpha * e_p.value + (1.0 - alpha) * e_q.value
-    var = alpha**2 * e_p.stderr.square() + (1.0 - alpha) ** 2 * e_q.stderr.square()
+    stderr = (alpha**2 * e_p.stderr.square() + (1.0 - alpha) ** 2 * e_q.stderr.square()).sqrt()
+    same = same_distribution(p, q, batch_shape, value.device)
+    if same is not None:  # every term is exactly 0: no unseen value to allow for
+        stderr = torch.where(same, torch.zeros_like(stderr), stderr)
     # The value is a convex combination of terms in [0, H(alpha)]: the clamp only removes
     # rounding excursions.
-    return Estimate(_clamp_range(value, alpha), var.sqrt(), e_p.num_samples + e_q.num_samples)
+    return Estimate(clamp_to_js_range(value, alpha), stderr, e_p.num_samples + e_q.num_samples)

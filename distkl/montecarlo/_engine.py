@@ -20,7 +20,7 @@ from distkl.montecarlo._estimate import Estimate
 from distkl.montecarlo._fit import combine
 from distkl.montecarlo._moments import StratumMoments
 from distkl.montecarlo._samplers import Draw, Sampler
-from distkl.montecarlo._strata import Strata
+from distkl.montecarlo._strata import IntervalStrata, allocate
 
 __all__ = ["Integrand", "MEMORY_BUDGET", "check_generator", "plan_chunks", "run"]
 
@@ -162,12 +162,14 @@ class _Stream:
             self.mom = StratumMoments(ns, g, z.shape[-1], self.dtype, self.sampler.device)
         self.mom.update(s, z)
 
-    def result(self, use_controls: bool, num_samples: int) -> Estimate:
+    def result(
+        self, use_controls: bool, num_samples: int, value_range: Optional[tuple[float, float]]
+    ) -> Estimate:
         assert self.mom is not None and self.out_shape is not None
         sampler, out_shape = self.sampler, self.out_shape
         k = sampler.num_components
         log_w = sampler.log_weights.expand(*out_shape, k).reshape(-1, k).T.to(self.dtype)
-        value, var = combine(self.mom, log_w, use_controls)
+        value, var = combine(self.mom, log_w, use_controls, value_range)
         value = value.reshape(out_shape).to(sampler.dtype)
         stderr = var.sqrt().reshape(out_shape).to(sampler.dtype)
         if self.inf_mask is not None:
@@ -175,6 +177,86 @@ class _Stream:
             value = torch.where(inf_mask, torch.full_like(value, math.inf), value)
             stderr = torch.where(inf_mask, torch.zeros_like(stderr), stderr)
         return Estimate(value, stderr.detach(), num_samples)
+
+
+class _RowStream:
+    r"""Rows kept one by one (fewer than two per component, :class:`IntervalStrata`).
+
+    The estimate is the row mean of $f(x_i)\, w_{k_i} / \operatorname{sg}(w_{k_i})$; its
+    variance is estimated by collapsing the interval strata in adjacent pairs (a triple when
+    ``N`` is odd): $\hat V = \frac{1}{N^2} \sum_g \frac{m_g}{m_g - 1} \sum_{i \in g}
+    (y_i - \bar y_g)^2$, which overstates the variance by the spread of the pair's stratum
+    means (conservative, never understated). With ``N = 1`` nothing estimates the variance: the
+    standard error is NaN.
+    """
+
+    def __init__(self, sampler: Sampler, out_batch: Optional[torch.Size]) -> None:
+        self.sampler = sampler
+        self.out_shape = out_batch
+        self.rows: list[Tensor] = []
+        self.dtype = _stats_dtype(sampler.dtype, sampler.device)
+
+    def add(self, draw: Draw, f: Tensor, extra: Optional[Tensor], idx: Tensor) -> None:
+        """Keep one chunk's rows: ``f`` (c, *batch_out), ``idx`` (c, bf) their components."""
+        bp, k = self.sampler.batch_shape, self.sampler.num_components
+        if self.out_shape is None:
+            self.out_shape = _out_shape(f, bp, draw)
+        out_shape = self.out_shape
+        c, g = f.shape[0], out_shape.numel()
+        lead = (c,) + (1,) * (len(out_shape) - len(bp))
+        lw = self.sampler.log_weights.reshape(-1, k).T.gather(0, idx)  # (c, bf)
+        ratio = (lw - lw.detach()).exp().reshape(*lead, *bp).expand(c, *out_shape)
+        y = (f.expand(c, *out_shape).to(self.dtype) * ratio.to(self.dtype)).reshape(c, g, 1)
+        if draw.score_log_prob is not None:
+            lp = draw.score_log_prob.reshape(*lead, *bp).expand(c, *out_shape).reshape(c, g)
+            y = add_score_term(y, lp, torch.zeros_like(lp, dtype=torch.long), 1)
+        self.rows.append(y[..., 0])
+
+    def result(
+        self, use_controls: bool, num_samples: int, value_range: Optional[tuple[float, float]]
+    ) -> Estimate:
+        assert self.out_shape is not None
+        y = torch.cat(self.rows)  # (N, G), rows in the order of their intervals
+        n = y.shape[0]
+        pos_inf = (y == math.inf).any(0)
+        y = torch.where(y == math.inf, torch.zeros_like(y), y)
+        value = y.mean(0)
+        yd = y.detach()
+        groups = torch.minimum(
+            torch.arange(n, device=y.device) // 2, torch.tensor(max(n // 2 - 1, 0))
+        )
+        size = torch.zeros(max(n // 2, 1), dtype=yd.dtype, device=y.device).index_add_(
+            0, groups, torch.ones(n, dtype=yd.dtype, device=y.device)
+        )
+        mean = torch.zeros(size.shape[0], yd.shape[1], dtype=yd.dtype, device=y.device).index_add_(
+            0, groups, yd
+        ) / size.unsqueeze(-1)
+        ss = (yd - mean[groups]).square()
+        factor = (
+            (size / (size - 1)).reshape(-1, 1)[groups] if n > 1 else torch.full_like(ss, math.nan)
+        )
+        var = (factor * ss).sum(0) / n**2
+        out, dt = self.out_shape, self.sampler.dtype
+        value = torch.where(pos_inf, math.inf, value).reshape(out).to(dt)
+        stderr = torch.where(pos_inf, 0.0, var.sqrt()).reshape(out).to(dt)
+        return Estimate(value, stderr.detach(), num_samples)
+
+
+def _shape_only(
+    sampler: Sampler,
+    integrand: Integrand,
+    out_batch: Optional[torch.Size],
+    num_samples: int,
+    generator: Optional[torch.Generator],
+) -> Estimate:
+    """An empty batch (no element to estimate) or meta tensors (no values at all): the result's
+    shape, dtype and device from one probe row, as torch's own functions return for them."""
+    idx = torch.zeros((1, sampler.batch_shape.numel()), dtype=torch.long, device=sampler.device)
+    draw = sampler.draw(idx, lambda k: (0, 1), generator, False)
+    f, _ = integrand(draw, idx, False)
+    out = _out_shape(f, sampler.batch_shape, draw) if out_batch is None else out_batch
+    value = f.new_zeros(out, dtype=sampler.dtype)
+    return Estimate(value, value.detach().clone(), num_samples)
 
 
 def run(
@@ -187,6 +269,7 @@ def run(
     use_controls: bool,
     out_batch: Optional[torch.Size],
     row_elements: int,
+    value_range: Optional[tuple[float, float]] = None,
 ) -> Estimate:
     """Stratified, chunked estimate of ``E_p[f]`` (see the module docstring).
 
@@ -199,17 +282,27 @@ def run(
         use_controls: fit control variates where a stratum is large enough.
         out_batch: the output batch shape, or ``None`` to take it from the first ``f``.
         row_elements: tensor elements one row needs, for the chunk size.
+        value_range: bounds of ``f`` if known (see ``_fit._unseen``).
     """
     check_positive_int("num_samples", num_samples)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     check_generator(generator, sampler.device)
-    strata = Strata(sampler.log_weights, num_samples, single=sampler.single)
+    if sampler.batch_shape.numel() == 0 or sampler.device.type == "meta":
+        return _shape_only(sampler, integrand, out_batch, num_samples, generator)
+    strata = allocate(sampler.log_weights, num_samples, sampler.single, generator)
     use_controls = use_controls and strata.can_fit_controls()
-    stream = _Stream(sampler, out_batch)
+    stream: _Stream | _RowStream = (
+        _RowStream(sampler, out_batch)
+        if isinstance(strata, IntervalStrata)
+        else _Stream(sampler, out_batch)
+    )
     for first, last in plan_chunks(num_samples, chunk_size, row_elements, sampler.dtype):
         idx, fold = strata.assign(first, last)  # (c, bf)
         draw = sampler.draw(idx, strata.row_span(first, last), generator, use_controls)
         f, extra = integrand(draw, idx, use_controls)
-        stream.add(draw, f, extra if use_controls else None, 2 * idx + fold)
-    return stream.result(use_controls, num_samples)
+        if isinstance(stream, _RowStream):
+            stream.add(draw, f, None, idx)
+        else:
+            stream.add(draw, f, extra if use_controls else None, 2 * idx + fold)
+    return stream.result(use_controls, num_samples, value_range)

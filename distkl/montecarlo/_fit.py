@@ -17,7 +17,9 @@ Econometrics J. 21(1).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,6 +32,11 @@ __all__ = ["combine", "MAX_VARIANCE_REDUCTION"]
 #: Largest variance reduction the control variates may claim in one stratum (coefficients are
 #: shrunk beyond it).
 MAX_VARIANCE_REDUCTION = 1000.0
+#: Pseudo-samples at the far end of a bounded integrand's range (see :func:`_unseen`). Measured
+#: on N(0,1) vs N(m,s) JSD, 300 runs of 4000 samples: 0.1 still covers 0.89 at m = 7.5, 0.3
+#: covers 0.93-0.95 where the overlap is reached, 1.0 over-covers (0.97-1.0); 0.5 covers
+#: 0.93-0.98.
+PSEUDO_WEIGHT = 0.5
 
 
 @dataclass
@@ -64,7 +71,9 @@ def _plain(folds: _Folds) -> tuple[Tensor, Tensor]:
     delta = mean_f[:, 1].detach() - mean_f[:, 0].detach()
     m2_f = folds.m2[:, 0, :, 0, 0] + folds.m2[:, 1, :, 0, 0] + delta.square() * n_a * n_b / n_k
     mean = (n_a * mean_f[:, 0] + n_b * mean_f[:, 1]) / n_k
-    return mean, m2_f / (n_k - 1).clamp_min(1) / n_k
+    var = m2_f / (n_k - 1).clamp_min(1) / n_k
+    # One sample says nothing about the spread: NaN, never a made-up 0.
+    return mean, torch.where(n_a + n_b == 1, torch.full_like(var, math.nan), var)
 
 
 def _coefficients(cov: Tensor, fold_n: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -122,13 +131,38 @@ def _cross_fitted(folds: _Folds) -> tuple[Tensor, Tensor, Tensor]:
     return mean, var, fold_n >= MIN_FOLD_FOR_CONTROLS
 
 
-def combine(mom: StratumMoments, log_weights: Tensor, use_controls: bool) -> tuple[Tensor, Tensor]:
+def _unseen(folds: _Folds, value_range: tuple[float, float]) -> Tensor:
+    r"""Variance of a pseudo-sample at the far end of ``f``'s range, per stratum mean.
+
+    A bounded ``f`` can take a rare value the sample never saw (near-disjoint JSD: almost every
+    point has $\pi \approx 1$). Adding ``PSEUDO_WEIGHT`` (1/2) pseudo-samples at the endpoint
+    farthest from the stratum mean, $\Delta = \max(\bar f - a, b - \bar f)$, adds
+    $c \Delta^2 / (n_k (n_k - 1))$ to the variance of the stratum mean: negligible once the
+    sample variance exceeds $\Delta^2 / n_k$, a floor of about $\Delta / n_k$ on the standard
+    error when every point looks alike.
+    """
+    lo, hi = value_range
+    n_k = folds.n_a + folds.n_b
+    mean = (
+        (folds.n_a * folds.mean[:, 0, :, 0] + folds.n_b * folds.mean[:, 1, :, 0]) / n_k.clamp_min(1)
+    ).detach()
+    dev = torch.maximum(mean - lo, hi - mean)
+    return PSEUDO_WEIGHT * dev.square() / (n_k * (n_k - 1)).clamp_min(1)
+
+
+def combine(
+    mom: StratumMoments,
+    log_weights: Tensor,
+    use_controls: bool,
+    value_range: Optional[tuple[float, float]] = None,
+) -> tuple[Tensor, Tensor]:
     r"""$\sum_k w_k \hat\mu_k$ and its variance $\sum_k w_k^2 \operatorname{Var}\hat\mu_k$.
 
     Args:
         mom: moments of ``2 K`` strata (component ``k``'s folds are strata ``2k`` and ``2k+1``).
         log_weights: ``(K, G)`` log-weights of the components.
         use_controls: fit the control columns (where a stratum is large enough).
+        value_range: bounds of ``f`` if known; adds the unseen-value floor (:func:`_unseen`).
 
     Returns:
         ``(value, variance)`` of shape ``(G,)``.
@@ -139,6 +173,8 @@ def combine(mom: StratumMoments, log_weights: Tensor, use_controls: bool) -> tup
         cv_mean, cv_var, ok = _cross_fitted(folds)
         value_k = torch.where(ok, cv_mean, value_k)
         var_k = torch.where(ok, cv_var, var_k)
+    if value_range is not None:
+        var_k = var_k + _unseen(folds, value_range)
     w = log_weights.exp()  # (K, G)
     present = (folds.n_a + folds.n_b) > 0
     value = torch.where(present, w * value_k, torch.zeros_like(value_k)).sum(0)

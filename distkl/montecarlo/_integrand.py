@@ -15,12 +15,18 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from distkl._gaussian import GaussianMixture, as_gaussian_mixture, is_gaussian_family
+from distkl._gaussian import (
+    GaussianMixture,
+    as_gaussian_mixture,
+    expected_log_density,
+    is_gaussian_family,
+    same_parameters,
+)
+from distkl._logspace import log_ratio_to_mix
 from distkl.density import gaussian_scorer, logsumexp_last
-from distkl.functional import _log_ratio_to_mix
 from distkl.montecarlo._samplers import Draw, GaussianSampler, Sampler
 
-__all__ = ["KLIntegrand", "bounded_terms", "log_density", "MATCHES"]
+__all__ = ["KLIntegrand", "same_distribution", "bounded_terms", "log_density", "MATCHES"]
 
 #: Components of q used as controls for each component of p (the best-matching ones).
 MATCHES = 3
@@ -78,36 +84,6 @@ class KLIntegrand:
         return comp_q.expand(c, *batch, comp_q.shape[-1]).gather(-1, j) - e
 
 
-def expected_log_density(gp: GaussianMixture, gq: GaussianMixture) -> Tensor:
-    r"""$\mathbb{E}_{x \sim p_k}[\log q_j(x)]$ of shape ``(*batch, Kp, Kq)``.
-
-    $$
-    -\tfrac{D}{2}\log 2\pi - \tfrac12 \log|S_j|
-    - \tfrac12\big[\operatorname{tr}(S_j^{-1}\Sigma_k)
-    + (\mu_k - m_j)^\top S_j^{-1} (\mu_k - m_j)\big]
-    $$
-    """
-    d = gp.dim
-    diff = gp.loc.unsqueeze(-2) - gq.loc.unsqueeze(-3)  # (*b, Kp, Kq, D)
-    if gq.scale_diag is not None:
-        prec = gq.scale_diag.square().reciprocal().unsqueeze(-3)  # (*bq, 1, Kq, D)
-        if gp.scale_diag is not None:
-            var_p = gp.scale_diag.square()
-        else:
-            var_p = gp.covariance().diagonal(dim1=-2, dim2=-1)
-        trace = (var_p.unsqueeze(-2) * prec).sum(-1)
-        mahal = (diff.square() * prec).sum(-1)
-    else:
-        tril_q = gq.tril()
-        eye = torch.eye(d, dtype=tril_q.dtype, device=tril_q.device)
-        linv = torch.linalg.solve_triangular(tril_q, eye, upper=False).unsqueeze(-4)
-        prod = linv @ gp.tril().unsqueeze(-3)  # (*b, Kp, Kq, D, D)
-        trace = prod.square().sum((-1, -2))
-        mahal = (linv @ diff.unsqueeze(-1)).squeeze(-1).square().sum(-1)
-    log_det_q = gq.log_det_cov().unsqueeze(-2)  # (*bq, 1, Kq)
-    return -0.5 * (d * math.log(2 * math.pi) + log_det_q + trace + mahal)
-
-
 def best_matches(
     gp: GaussianMixture, gq: GaussianMixture, batch: torch.Size
 ) -> tuple[Tensor, Tensor]:
@@ -123,28 +99,19 @@ def best_matches(
     return j, e.gather(-1, j)
 
 
-def equal_parameters(
-    p: Distribution,
-    q: Distribution,
-    batch: torch.Size,
-    sampler: Sampler,
-    gq: Optional[GaussianMixture],
+def same_distribution(
+    p: Distribution, q: Distribution, batch: torch.Size, device: torch.device
 ) -> Optional[Tensor]:
-    """Boolean ``batch`` mask of elements where p and q are the same distribution, or None."""
+    """Boolean ``batch`` mask of elements where p and q are the same distribution, or None.
+
+    The same object, or Gaussian families with equal parameters component by component.
+    """
     if p is q:
-        return torch.ones(batch, dtype=torch.bool, device=sampler.device)
-    if gq is None or not isinstance(sampler, GaussianSampler):
+        return torch.ones(batch, dtype=torch.bool, device=device)
+    if not (is_gaussian_family(p) and is_gaussian_family(q)):
         return None
-    gp = sampler.gm
-    if gp.num_components != gq.num_components or gp.dim != gq.dim:
-        return None
-    gp, gq = gp.expand(batch), gq.expand(batch)
-    same = (gp.log_weights == gq.log_weights).all(-1) & (gp.loc == gq.loc).all(-1).all(-1)
-    if gp.scale_diag is not None and gq.scale_diag is not None:
-        same = same & (gp.scale_diag == gq.scale_diag).all(-1).all(-1)
-    else:
-        same = same & (gp.tril() == gq.tril()).flatten(-3).all(-1)
-    return same
+    gp, gq = as_gaussian_mixture(p, role="p"), as_gaussian_mixture(q, role="q")
+    return same_parameters(gp, gq).expand(batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +143,7 @@ def bounded_terms(log_p: Tensor, log_q: Tensor, alpha: float) -> tuple[Tensor, T
     # outside one support) would give 0 * inf.
     delta = (log_p - log_q).clamp(-1e4, 1e4)
     pi = torch.sigmoid(math.log(alpha) - math.log1p(-alpha) + delta)
-    kl = pi * _log_ratio_to_mix(-delta, 1.0 - alpha) + (1.0 - pi) * _log_ratio_to_mix(delta, alpha)
+    kl = pi * log_ratio_to_mix(-delta, 1.0 - alpha) + (1.0 - pi) * log_ratio_to_mix(delta, alpha)
     cross = -(pi * math.log(alpha) + (1.0 - pi) * math.log1p(-alpha))  # L(pi) >= kl(pi || alpha)
     rho = (kl / cross).clamp(0.0, 1.0)
     return -math.log(alpha) * rho, -math.log1p(-alpha) * rho

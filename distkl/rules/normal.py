@@ -68,6 +68,18 @@ def _diagonal_normal(d: Distribution, side: str, other: Distribution) -> Normal:
     )
 
 
+def _checked_diagonal(p: Distribution, q: Distribution, diagonal: str) -> Normal:
+    """Check the pair (event shapes, batch shapes) and return the ``Normal`` of its diagonal side.
+
+    ``diagonal`` names the ``Independent(Normal, 1)`` side, ``"p"`` or ``"q"``.
+    """
+    d, other = (p, q) if diagonal == "p" else (q, p)
+    base = _diagonal_normal(d, diagonal, other)
+    check_same_event_shape(p, q)
+    batch_shape_of(p, q)
+    return base
+
+
 def _phi_of_log(t: Tensor) -> Tensor:
     r""":math:`\phi(a) = a - 1 - \log a \ge 0` from :math:`t = \log a`, as ``expm1(t) - t``."""
     return torch.expm1(t) - t
@@ -88,7 +100,44 @@ def _log_det_capacitance(W_tilde: Tensor, C_tril: Tensor) -> Tensor:
     terms are all small and accurate, so ``log det C = sum_k log1p(u_k)``.
     """
     u = W_tilde.square().sum(-2) - C_tril.tril(-1).square().sum(-1)
-    return torch.log1p(u).sum(-1)
+    # Where u is not small it is a difference of large numbers: the pivot itself is better then.
+    small = u < 1.0
+    pivot = 2.0 * torch.log(torch.where(small, torch.ones_like(u), _diag(C_tril)))
+    return torch.where(small, torch.log1p(torch.where(small, u, torch.zeros_like(u))), pivot).sum(
+        -1
+    )
+
+
+def _log1m_leverage(W_tilde: Tensor, A: Tensor, row_sq: Tensor) -> Tensor:
+    r"""$\log(1 - x_i)$, $x_i = \tilde w_i^\top C^{-1} \tilde w_i$, accurate even where $x_i \to 1$.
+
+    ``A = C_tril^{-1} W~^T`` gives $x_i = \|A_{:,i}\|^2$, accurate while $x_i$ is not near 1.
+    A row that dominates its diagonal ($\|\tilde w_i\|^2 \gg 1/\varepsilon$) has $x_i$ rounding
+    to 1 and ``log1p(-x)`` to $-\infty$. For those rows Sherman-Morrison gives
+    $1 - x_i = 1 / (1 + s_i)$, $s_i = \tilde w_i^\top C_{-i}^{-1} \tilde w_i$ with
+    $C_{-i} = I + \sum_{j \ne i} \tilde w_j \tilde w_j^\top$ formed without row ``i`` (no
+    cancellation). Since $\sum_i x_i = r - \operatorname{tr} C^{-1} < r$, fewer than $2r$ rows
+    have $x_i > 1/2$: the $\min(D, 2r)$ largest are recomputed, at $O(D r^3)$.
+
+    Source: Sherman & Morrison (1950), Ann. Math. Statist. 21(1); the bound on $\sum_i x_i$ is
+    the trace of the hat matrix $\tilde W C^{-1} \tilde W^\top$.
+    """
+    x = A.square().sum(-2)
+    # x_i <= ||w_i||^2 / (1 + ||w_i||^2) exactly; clamp so that rounding never gives 1 - x < 0.
+    x = torch.minimum(x, row_sq / (1.0 + row_sq))
+    log1m_x = torch.log1p(-x.clamp(max=0.5))  # rows with x > 1/2 are replaced below
+    dim, rank = W_tilde.shape[-2:]
+    k = min(dim, 2 * rank)
+    idx = x.detach().topk(k, dim=-1).indices  # (*b, k)
+    keep = torch.ones(*idx.shape, dim, dtype=W_tilde.dtype, device=W_tilde.device)
+    keep = keep.scatter(-1, idx.unsqueeze(-1), 0.0)  # (*b, k, D): row i left out
+    others = W_tilde.unsqueeze(-3) * keep.unsqueeze(-1)  # (*b, k, D, r)
+    eye = torch.eye(rank, dtype=W_tilde.dtype, device=W_tilde.device)
+    c_minus = eye + others.mT @ others  # (*b, k, r, r)
+    w_i = W_tilde.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, rank))  # (*b, k, r)
+    chol = torch.linalg.cholesky(c_minus)
+    s = torch.linalg.solve_triangular(chol, w_i.unsqueeze(-1), upper=False).square().sum((-2, -1))
+    return log1m_x.scatter(-1, idx, -torch.log1p(s))
 
 
 @register_kl(Independent, MultivariateNormal, kind="exact", on_conflict="skip")
@@ -115,9 +164,7 @@ def _kl_independent_multivariatenormal(p: Distribution, q: Distribution) -> Tens
         Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
     """
     assert isinstance(q, MultivariateNormal)  # dispatch is by type
-    base = _diagonal_normal(p, "p", q)
-    check_same_event_shape(p, q)
-    batch_shape_of(p, q)
+    base = _checked_diagonal(p, q, "p")
     L = scale_tril(q)
     eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
     L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
@@ -151,9 +198,7 @@ def _kl_multivariatenormal_independent(p: Distribution, q: Distribution) -> Tens
         Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
     """
     assert isinstance(p, MultivariateNormal)  # dispatch is by type
-    base = _diagonal_normal(q, "q", p)
-    check_same_event_shape(p, q)
-    batch_shape_of(p, q)
+    base = _checked_diagonal(p, q, "q")
     L = scale_tril(p)
     off_diag = L.tril(-1).square().sum(-1)  # sum_{j<i} L_ij^2
     inv_var = base.scale.square().reciprocal()
@@ -192,19 +237,14 @@ def _kl_independent_lowrankmultivariatenormal(p: Distribution, q: Distribution) 
         Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
     """
     assert isinstance(q, LowRankMultivariateNormal)  # dispatch is by type
-    base = _diagonal_normal(p, "p", q)
-    check_same_event_shape(p, q)
-    batch_shape_of(p, q)
+    base = _checked_diagonal(p, q, "p")
     W, d = lowrank_factors(q)
     C_tril = capacitance_tril(q)
     d_rsqrt = d.rsqrt()
     W_tilde = W * d_rsqrt.unsqueeze(-1)
     row_sq = W_tilde.square().sum(-1)  # ||w_i||^2
     A = torch.linalg.solve_triangular(C_tril, W_tilde.mT, upper=False)  # C_tril^-1 W~^T, (r, D)
-    x = A.square().sum(-2)
-    # x_i <= ||w_i||^2 / (1 + ||w_i||^2) exactly; clamp so that rounding never gives 1 - x <= 0.
-    x = torch.minimum(x, row_sq / (1.0 + row_sq))
-    log1m_x = torch.log1p(-x)
+    log1m_x = _log1m_leverage(W_tilde, A, row_sq)
     hadamard_gap = _log_det_capacitance(W_tilde, C_tril) + log1m_x.sum(-1)
     log_a = torch.log(base.scale.square() / d) + log1m_x
     # Woodbury: delta^T Sigma_q^-1 delta = ||delta~||^2 - ||A delta~||^2, delta~ = d^-1/2 delta
@@ -237,9 +277,7 @@ def _kl_lowrankmultivariatenormal_independent(p: Distribution, q: Distribution) 
         Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
     """
     assert isinstance(p, LowRankMultivariateNormal)  # dispatch is by type
-    base = _diagonal_normal(q, "q", p)
-    check_same_event_shape(p, q)
-    batch_shape_of(p, q)
+    base = _checked_diagonal(p, q, "q")
     W, d = lowrank_factors(p)
     W_tilde = W * d.rsqrt().unsqueeze(-1)
     log1p_n = torch.log1p(W_tilde.square().sum(-1))

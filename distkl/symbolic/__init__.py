@@ -21,12 +21,12 @@ from distkl.symbolic.derive import (
     Family,
     cached_pairs,
     derive,
-    derive_and_register,
     derive_expr,
     derived_kl,
     family,
     refresh_cache,
 )
+from distkl.symbolic.register import derive_and_register
 
 __all__ = [
     "CACHE_PATH",

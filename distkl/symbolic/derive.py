@@ -26,6 +26,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,18 +36,21 @@ import sympy as sp
 import torch
 from torch import Tensor
 from torch.distributions import (
-    Categorical,
     Distribution,
-    Exponential,
-    Gamma,
-    HalfNormal,
     Independent,
-    Laplace,
-    Normal,
-    OneHotCategorical,
 )
 
+from distkl.symbolic._codegen import simplified, torch_source
 from distkl.symbolic._engine import DerivationError, numeric_constants
+from distkl.symbolic.families import (
+    CATEGORIES,
+    FAMILIES,
+    K_INDEX,
+    X_REAL,
+    Family,
+    Support,
+    family,
+)
 
 __all__ = [
     "Family",
@@ -58,7 +62,6 @@ __all__ = [
     "derive",
     "derive_expr",
     "derived_kl",
-    "derive_and_register",
     "cached_pairs",
     "refresh_cache",
     "CACHE_PATH",
@@ -68,132 +71,9 @@ ENGINE_PATH = Path(__file__).with_name("_engine.py")
 CACHE_PATH = Path(__file__).with_name("cache.json")
 DEFAULT_TIMEOUT = 60.0
 
-#: The sum over categories, marked as a support.
-CATEGORIES = "categories"
-Support = Union[tuple[Any, Any], str]
-
 
 class DerivationTimeout(TimeoutError):
     """sympy did not finish a derivation within the time limit (the child process was killed)."""
-
-
-@dataclass(frozen=True)
-class Family:
-    r"""A distribution class as sympy sees it.
-
-    Args:
-        cls: the :class:`~torch.distributions.Distribution` subclass.
-        log_prob: ``log p(x)`` as a sympy expression in ``x``; every other symbol is named like
-            an attribute of ``cls`` (``loc``, ``scale``), with its assumptions (``positive=True``
-            for a scale). For ``support="categories"`` the expression is in the category index
-            ``x`` and parameters are :class:`sympy.IndexedBase` (``probs[x]``) read from the last
-            dimension of the attribute.
-        x: the variable of ``log_prob``.
-        support: ``(low, high)`` of ``x`` (sympy numbers, ``sympy.oo`` allowed) or
-            ``"categories"``.
-    """
-
-    cls: type
-    log_prob: sp.Expr
-    x: sp.Symbol
-    support: Support = (-sp.oo, sp.oo)
-
-    @property
-    def name(self) -> str:
-        return self.cls.__name__
-
-    @property
-    def discrete(self) -> bool:
-        return self.support == CATEGORIES
-
-    @property
-    def params(self) -> tuple[str, ...]:
-        """The attribute names read from a distribution object, sorted."""
-        names = {
-            s.name for s in self.log_prob.free_symbols if s != self.x and isinstance(s, sp.Symbol)
-        }
-        names |= {str(b.label) for b in self.log_prob.atoms(sp.IndexedBase)}
-        names -= {self.x.name}
-        return tuple(sorted(names))
-
-    def bounds(self) -> tuple[sp.Expr, sp.Expr]:
-        if self.discrete:
-            raise ValueError(f"{self.name} is discrete: it has categories, not bounds.")
-        lo, hi = self.support[0], self.support[1]
-        return sp.sympify(lo), sp.sympify(hi)
-
-    def renamed(self, suffix: str, x: sp.Symbol) -> tuple[sp.Expr, dict[str, str]]:
-        """``log_prob`` with every parameter ``a`` renamed ``a_<suffix>`` and ``x`` replaced by
-        ``x``; and the map from new symbol names to attribute names."""
-        expr = self.log_prob.subs(self.x, x)
-        names: dict[str, str] = {}
-        sub: dict[Any, Any] = {}
-        for s in self.log_prob.free_symbols:
-            if isinstance(s, sp.Symbol) and s != self.x and not isinstance(s, sp.Dummy):
-                new = sp.Symbol(f"{s.name}_{suffix}", **s.assumptions0)
-                sub[s] = new
-                names[new.name] = s.name
-        for base in self.log_prob.atoms(sp.IndexedBase):
-            label = str(base.label)
-            new_base = sp.IndexedBase(f"{label}_{suffix}", **base.assumptions0)
-            sub[base] = new_base
-            names[f"{label}_{suffix}"] = label
-        return expr.xreplace(sub), names
-
-
-_X = sp.Symbol("x", real=True)
-_K = sp.Symbol("k", integer=True, nonnegative=True)
-_loc = sp.Symbol("loc", real=True)
-_scale = sp.Symbol("scale", positive=True)
-_rate = sp.Symbol("rate", positive=True)
-_conc = sp.Symbol("concentration", positive=True)
-_probs = sp.IndexedBase("probs", positive=True)
-_pos = (sp.S.Zero, sp.oo)
-
-
-def _builtin_families() -> dict[str, Family]:
-    z = (_X - _loc) / _scale
-    fams = [
-        Family(Normal, -(z**2) / 2 - sp.log(_scale) - sp.log(2 * sp.pi) / 2, _X),
-        Family(Laplace, -sp.Abs(_X - _loc) / _scale - sp.log(2 * _scale), _X),
-        Family(Exponential, sp.log(_rate) - _rate * _X, _X, _pos),
-        Family(
-            HalfNormal,
-            sp.log(2) / 2 - sp.log(sp.pi) / 2 - sp.log(_scale) - _X**2 / (2 * _scale**2),
-            _X,
-            _pos,
-        ),
-        Family(
-            Gamma,
-            _conc * sp.log(_rate) + (_conc - 1) * sp.log(_X) - _rate * _X - sp.log(sp.gamma(_conc)),
-            _X,
-            _pos,
-        ),
-        Family(Categorical, sp.log(_probs[_K]), _K, CATEGORIES),
-        Family(OneHotCategorical, sp.log(_probs[_K]), _K, CATEGORIES),
-    ]
-    return {f.name: f for f in fams}
-
-
-#: The built-in families by class name: Normal, Laplace, Exponential, HalfNormal, Gamma,
-#: Categorical, OneHotCategorical.
-FAMILIES: dict[str, Family] = _builtin_families()
-
-
-def family(spec: Union[Family, type, str]) -> Family:
-    """The :class:`Family` for a Family, a built-in class or its name (case-insensitive)."""
-    if isinstance(spec, Family):
-        return spec
-    if isinstance(spec, type):
-        spec = spec.__name__
-    if isinstance(spec, str):
-        for name, fam in FAMILIES.items():
-            if name.lower() == spec.lower():
-                return fam
-    raise NotImplementedError(
-        f"distkl.symbolic has no built-in family {spec!r}; supported: {', '.join(FAMILIES)}. "
-        "Describe your own with distkl.symbolic.Family(cls, log_prob, x, support)."
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,10 +88,10 @@ def _request(p: Family, q: Family) -> tuple[dict[str, Any], dict[str, tuple[str,
             "distkl.symbolic derives pairs of the same kind only."
         )
     if p.discrete:
-        x: sp.Symbol = _K
+        x: sp.Symbol = K_INDEX
     else:
         lo = p.bounds()[0]
-        x = sp.Symbol("x", positive=True) if (lo - 0).is_nonnegative else _X
+        x = sp.Symbol("x", positive=True) if (lo - 0).is_nonnegative else X_REAL
     log_p, names_p = p.renamed("p", x)
     log_q, names_q = q.renamed("q", x)
     args = {n: ("p", a) for n, a in names_p.items()}
@@ -345,10 +225,28 @@ class Derivation:
         return sp.latex(self.expr)
 
     def pretty(self, width: Optional[int] = None) -> str:
-        """The formula as 2-D text, ``width`` columns (default: the terminal's, at least 100)."""
+        """The simplified formula as 2-D text if it fits `width` columns, else as one wrapped line.
+
+        `width` defaults to the terminal's (at most 100).
+        """
         if width is None:
-            width = max(100, shutil.get_terminal_size().columns)
-        return str(sp.pretty(self.expr, use_unicode=True, num_columns=width))
+            width = min(100, shutil.get_terminal_size().columns)
+        expr = self.simplified()
+        text = str(sp.pretty(expr, use_unicode=True, num_columns=10_000))
+        if max(len(line) for line in text.splitlines()) <= width:
+            return text
+        return "\n".join(textwrap.wrap(f"KL = {sp.sstr(expr)}", width, subsequent_indent="     "))
+
+    def simplified(self) -> sp.Expr:
+        """The expression with like factors collected and logs of parameters combined.
+
+        Equal to `expr` (`sympy.simplify` of the difference is 0); cheap, unlike `sp.simplify`.
+        """
+        return simplified(self.expr)
+
+    def torch_source(self) -> str:
+        """Python source of a torch function for this pair, decorated with `register_kl`."""
+        return torch_source(self.p, self.q, self.simplified(), self.args)
 
     @functools.cached_property
     def _compiled(
@@ -541,67 +439,3 @@ def refresh_cache(
         CACHE_PATH.write_text(json.dumps(payload, indent=1) + "\n")
         _load_cache.cache_clear()
     return status
-
-
-# --------------------------------------------------------------------------------------------
-# Derive, check and register a user's pair
-
-
-def derive_and_register(
-    p: Family,
-    q: Family,
-    *,
-    example: tuple[Distribution, Distribution],
-    num_samples: int = 100_000,
-    generator: Optional[torch.Generator] = None,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> Derivation:
-    r"""Derive ``KL(p || q)`` for a user's pair, check it against sampling, register it.
-
-    The closed form is derived by sympy (:func:`derive`), compiled to torch, compared on
-    ``example`` with an independent Monte Carlo estimate (:func:`distkl.verify.check_kl`'s test,
-    :math:`|z| \le z^*` with a false-failure rate of ``1e-3`` over the example's batch), and
-    registered with :func:`distkl.registry.register_kl` as an ``"exact"`` rule, which refuses a
-    pair torch already has.
-
-    Args:
-        p: the family of the first argument; its class is registered as ``type_p``.
-        q: the family of the second argument; its class is registered as ``type_q``.
-        example: an instance ``(p, q)`` of the pair to check the formula on (float64 advised).
-        num_samples: Monte Carlo samples for the check.
-        generator: makes the check reproducible.
-        timeout: seconds sympy may take.
-
-    Returns:
-        The :class:`Derivation`; ``kl_divergence`` now uses it for the pair.
-
-    Raises:
-        ValueError: if the pair is already registered, or the formula disagrees with sampling.
-        DerivationTimeout, DerivationError: as :func:`derive`.
-    """
-    from distkl._torch_compat import kl_table
-    from distkl.registry import register_kl
-    from distkl.verify import check_values
-
-    for t in (p.cls, q.cls):
-        if not (isinstance(t, type) and issubclass(t, Distribution)):
-            raise TypeError(f"Family.cls must be a Distribution subclass, got {t!r}.")
-    existing = kl_table().get((p.cls, q.cls))
-    if existing is not None:
-        raise ValueError(
-            f"KL({p.name} || {q.name}) is already registered with torch (by "
-            f"{existing.__module__}.{existing.__qualname__}); distkl does not overwrite it."
-        )
-    derivation = derive(p, q, timeout=timeout, cache=False)
-    ep, eq = example
-    value = derivation(ep, eq)
-    result = check_values(
-        ep, eq, value, num_samples=num_samples, generator=generator, pair=derivation.name
-    )
-    if not result.passed:
-        raise ValueError(
-            f"The derived KL({derivation.name}) disagrees with sampling on the example; not "
-            f"registered.\n{result}"
-        )
-    register_kl(p.cls, q.cls, kind="exact")(derivation.as_rule())
-    return derivation
