@@ -127,6 +127,11 @@ def variances(fn, leaves, make, n: int, reverse: bool, reps: int) -> tuple[float
 
 
 def cell(d, k, n, reverse, leaves, make, repeat, reps, want_var) -> list[float]:
+    try:
+        rule(*make(), n, reverse)
+    except ValueError as err:  # the stratified engine needs 2 samples per component of p
+        print(f"  (rule refused: {err})")
+        return [float("nan")] * (6 if want_var else 3)
     fns = [step(naive, leaves, make, n, reverse), step(rule, leaves, make, n, reverse)]
     if not reverse:
         fns += [
@@ -184,7 +189,8 @@ def main() -> None:
                         if key not in variance_cache:
                             variance_cache[key] = row[3:]
                         row = row[:3] + variance_cache[key]
-                        ratios.append(row[1])
+                        if row[1] == row[1]:  # not NaN
+                            ratios.append(row[1])
                         name = "prior||post" if reverse else "post||prior"
                         print(
                             f"{name:<11}{threads:>4}{d:>4}{k:>4}{n:>4}"

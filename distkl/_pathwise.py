@@ -100,7 +100,7 @@ def pathwise_applies(p: Distribution, q: Distribution, num_samples: int) -> bool
 
 def _num_components(q: Distribution) -> int:
     if isinstance(q, MixtureSameFamily):
-        return int(q.mixture_distribution.param_shape[-1])
+        return int(q.mixture_distribution.logits.shape[-1])
     return 1
 
 
