@@ -26,7 +26,7 @@ import distkl.rules.mixture as mixture_rules
 from distkl.montecarlo import kl_mc
 from distkl.registry import kl_rules
 from tests.conftest import Z
-from tests.examples import by_family, params
+from tests.examples import by_family, by_id, copy_of, params
 
 MSF = MixtureSameFamily
 PAIRS = [
@@ -91,13 +91,16 @@ def test_example_rows_on_device(ex, device, dtype):
 
 
 def test_identical_mixture_is_zero():
-    p, _ = by_family("mixture")[0].build("cpu", torch.float64)
+    p, _ = by_id("MixtureSameFamily(Normal)-MixtureSameFamily(Normal)").build("cpu", torch.float64)
     with distkl.options(method="mc"):
         assert (kl_divergence(p, p) == 0).all()
+        assert (kl_divergence(p, copy_of(p)).abs() <= 1e-12).all()  # weights renormalised
 
 
 def test_auto_is_mc_for_multivariate_events():
-    p, q = by_family("mixture")[4].build("cpu", torch.float64)
+    p, q = by_id(
+        "MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal)"
+    ).build("cpu", torch.float64)
     assert p.event_shape == (3,)
     with distkl.options(method="auto", generator=torch.Generator().manual_seed(3)):
         auto = kl_divergence(p, q)
@@ -107,7 +110,9 @@ def test_auto_is_mc_for_multivariate_events():
 
 
 def test_quadrature_needs_a_1d_event():
-    p, q = by_family("mixture")[4].build("cpu", torch.float64)
+    p, q = by_id(
+        "MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal)"
+    ).build("cpu", torch.float64)
     with distkl.options(method="quadrature"):
         with pytest.raises(ValueError, match=r"1-D event \(event shape \(\)\)"):
             kl_divergence(p, q)
@@ -132,7 +137,9 @@ def test_deterministic_methods_dispatch(method, module, name, kwargs, monkeypatc
 
     setattr(fake, name, recorder)
     monkeypatch.setitem(sys.modules, module, fake)
-    p, q = by_family("mixture")[0].build("cpu", torch.float64)  # 1-D events
+    p, q = by_id("MixtureSameFamily(Normal)-MixtureSameFamily(Normal)").build(
+        "cpu", torch.float64
+    )  # 1-D events
     with distkl.options(method=method, quadrature_nodes=17):
         value = kl_divergence(p, q)
     assert calls and calls[0][0] is p and calls[0][1] is q and calls[0][2] == kwargs
@@ -143,7 +150,7 @@ def test_auto_is_quadrature_for_1d_events(monkeypatch):
     fake = types.ModuleType("distkl.quadrature")
     fake.kl_quadrature = lambda p, q, *, nodes: torch.tensor(float(nodes))  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "distkl.quadrature", fake)
-    p, q = by_family("mixture")[1].build("cpu", torch.float64)
+    p, q = by_id("Normal-MixtureSameFamily(Normal)").build("cpu", torch.float64)
     with distkl.options(method="auto", quadrature_nodes=33):
         assert kl_divergence(p, q).item() == 33.0
 
@@ -151,7 +158,7 @@ def test_auto_is_quadrature_for_1d_events(monkeypatch):
 def test_real_quadrature_agrees_with_mc():
     """Integration with the deterministic helper's module (skipped while it is absent)."""
     quadrature = pytest.importorskip("distkl.quadrature", reason="distkl.quadrature not built yet")
-    p, q = by_family("mixture")[0].build("cpu", torch.float64)
+    p, q = by_id("MixtureSameFamily(Normal)-MixtureSameFamily(Normal)").build("cpu", torch.float64)
     det = quadrature.kl_quadrature(p, q, nodes=128)
     est = kl_mc(p, q, num_samples=50_000, generator=torch.Generator().manual_seed(4))
     assert ((det - est.value).abs() < Z * est.stderr).all(), (det, est)
@@ -176,7 +183,7 @@ def test_categorical_mixtures_are_delegated(monkeypatch):
 def test_categorical_mixtures_through_kl_divergence():
     from distkl.rules.categorical import kl_categorical_mixture_pair
 
-    p, q = [e for e in by_family("categorical") if e.id.count("MixtureSameFamily") == 2][0].build(
+    p, q = by_id("MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical)").build(
         "cpu", torch.float64
     )
     torch.testing.assert_close(kl_divergence(p, q), kl_categorical_mixture_pair(p, q))
@@ -235,7 +242,9 @@ def test_invalid_options_are_refused():
         distkl.options(num_samples=0)
     with pytest.raises(TypeError, match="generator"):
         distkl.options(generator=0)
-    p, q = by_family("mixture")[4].build("cpu", torch.float64)
+    p, q = by_id(
+        "MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal)"
+    ).build("cpu", torch.float64)
     with distkl.options(method="mc", num_samples=3):  # fewer than 2 per component: accepted
         assert kl_divergence(p, q).isfinite().all()
 
@@ -244,7 +253,9 @@ def test_invalid_options_are_refused():
 def test_real_approximations_dispatch(method):
     """Integration with distkl.approx (skipped while it is absent): shape and finiteness."""
     pytest.importorskip("distkl.approx", reason="distkl.approx not built yet")
-    p, q = by_family("mixture")[4].build("cpu", torch.float64)
+    p, q = by_id(
+        "MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal)"
+    ).build("cpu", torch.float64)
     with distkl.options(method=method):
         value = kl_divergence(p, q)
     assert value.shape == torch.broadcast_shapes(p.batch_shape, q.batch_shape)
