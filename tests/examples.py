@@ -22,6 +22,7 @@ from torch.distributions import (
     OneHotCategorical,
 )
 
+from distkl._torch_compat import built_from_probs
 from distkl.examples import EXAMPLES, Example, by_family
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "rebuild",
     "copy_of",
     "element",
+    "broadcast",
 ]
 
 
@@ -172,7 +174,8 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _categorical_like(d: Distribution, fn: Transform, validate: bool | None) -> Distribution:
-    if "probs" in d.__dict__ and "logits" not in d.__dict__:  # built from probs
+    cat = d._categorical if isinstance(d, OneHotCategorical) else d
+    if built_from_probs(cat):  # exact zeros stay exact (logits are clamped at log(eps))
         return type(d)(probs=fn(d.probs), validate_args=validate)
     return type(d)(logits=fn(d.logits), validate_args=validate)
 
@@ -203,18 +206,42 @@ def rebuild(d: Distribution, fn: Transform, *, validate_args: bool | None = None
     raise NotImplementedError(f"rebuild does not know {type(d).__name__}; add it here")
 
 
-def _fresh_copy(t: torch.Tensor) -> torch.Tensor:
-    """Same values in new memory with a different layout (transposed strides where 2-D+)."""
+def _relaid(t: torch.Tensor) -> torch.Tensor:
+    """Same values in new memory with another layout (transposed strides where 2-D+)."""
     if t.dim() < 2:
         return t.detach().clone()
     return t.detach().transpose(0, -1).contiguous().transpose(0, -1)
 
 
-def copy_of(d: Distribution) -> Distribution:
-    """An equal but distinct ``d``: new objects, new tensors (so no ``p is q`` shortcut applies)."""
-    return rebuild(d, _fresh_copy)
+def copy_of(d: Distribution, *, new_layout: bool = False) -> Distribution:
+    """An equal but distinct ``d``: new objects, new tensors (so no ``p is q`` shortcut applies).
+
+    With ``new_layout`` the tensors also get transposed strides: reductions over them may round
+    differently, so divergences are then 0 only to rounding.
+    """
+    return rebuild(d, _relaid if new_layout else (lambda t: t.detach().clone()))
+
+
+def broadcast(
+    d: Distribution, shape: torch.Size, *, validate_args: bool | None = None
+) -> Distribution:
+    """``d`` rebuilt at batch shape ``shape`` (``d.batch_shape`` must broadcast to it).
+
+    Unlike ``d.expand``, this keeps how each categorical was built (``probs`` vs ``logits``),
+    so exact zeros stay exact.
+    """
+    own, lead = len(d.batch_shape), len(shape) - len(d.batch_shape)
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape((1,) * lead + tuple(t.shape))
+        return t.expand(*shape, *t.shape[lead + own :]).clone()
+
+    return rebuild(d, widen, validate_args=validate_args)
 
 
 def element(d: Distribution, batch_shape: torch.Size, index: tuple[int, ...]) -> Distribution:
     """Batch element ``index`` of ``d`` broadcast to ``batch_shape``, alone (batch shape ``()``)."""
-    return rebuild(d.expand(batch_shape), lambda t: t[index].clone())
+    own, lead = len(d.batch_shape), len(batch_shape) - len(d.batch_shape)
+    mine = tuple(0 if s == 1 else i for i, s in zip(index[lead:], d.batch_shape))
+    assert own == len(mine)
+    return rebuild(d, lambda t: t[mine].clone())

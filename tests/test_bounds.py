@@ -29,7 +29,7 @@ from distkl.bounds import KLBounds, kl_bounds
 from distkl.bounds._combine import all_bounds
 from distkl.quadrature import kl_quadrature
 from tests.conftest import F64, Z
-from tests.examples import by_family, params
+from tests.examples import by_family, by_id, params
 
 SLACK = 1e-9  # relative tolerance against the quadrature reference (its own error is < 1e-10)
 
@@ -201,7 +201,7 @@ def test_nearly_identical_mixtures():
 
 
 def test_float32_bounds_are_rounded_outward(device):
-    ex = by_family("mixture")[0]
+    ex = by_id("MixtureSameFamily(Normal)-MixtureSameFamily(Normal)")
     p, q = ex.build(device, torch.float32)
     lower, upper = kl_bounds(p, q)
     assert lower.dtype == upper.dtype == torch.float32

@@ -25,7 +25,7 @@ from distkl import registry
 from distkl.montecarlo import kl_mc
 from distkl.registry import kl_rules
 from tests.conftest import Z
-from tests.examples import by_family, params
+from tests.examples import by_family, by_id, params
 
 ROWS = {e.id: e for e in by_family("mixture")}
 SCALAR = ROWS["MixtureSameFamily(Normal)-MixtureSameFamily(Normal)"]  # 1-D events
@@ -180,7 +180,7 @@ def test_categorical_mixtures_are_delegated(monkeypatch):
 def test_categorical_mixtures_through_kl_divergence():
     from distkl.rules.categorical import kl_categorical_mixture_pair
 
-    p, q = [e for e in by_family("categorical") if e.id.count("MixtureSameFamily") == 2][0].build(
+    p, q = by_id("MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical)").build(
         "cpu", torch.float64
     )
     torch.testing.assert_close(kl_divergence(p, q), kl_categorical_mixture_pair(p, q))

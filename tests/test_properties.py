@@ -47,7 +47,7 @@ from torch.distributions import (
 
 import distkl
 from tests.conftest import Z
-from tests.examples import TABLE, Example, copy_of, element, rebuild
+from tests.examples import TABLE, Example, broadcast, copy_of, element, rebuild
 
 #: Samples per Monte Carlo estimate in the cheap properties, and in the reference/coverage ones.
 N_SMALL = 256
@@ -206,8 +206,8 @@ def _xfail(reason: str, block: str) -> None:
 SKEW = "issue 11 item 9: a skew of 1e-17 raises 'math domain error' (log1p(-1)); owner core"
 NAN_CAT = "issue 11 item 2: a NaN logit counts as probability 0 (a number, not NaN); owner core"
 NAN_MIX = (
-    "issue 11 items 2/3: a NaN mixture weight gives +inf (bounded_kl: the bound), not NaN "
-    "(weights read from torch's clamped logits); owner gauss"
+    "issue 11 item 2 for Gaussian mixtures: a NaN mixture weight gives +inf from the 1-D "
+    "quadrature (bounded_kl: the bound), not NaN; owner onedim (quadrature) / gauss (weights)"
 )
 EMPTY_MC = "issue 11 item 8: an empty batch crashes the Monte Carlo engine; owner mcengine"
 EMPTY_TORCH = (
@@ -237,211 +237,39 @@ COVER_JSD = (
     "a LowRank with factor 1e4 (near-disjoint; item 5 asks the same of jsd_mc); owner mcengine"
 )
 
-_xfail(
-    SKEW,
-    """
-jsd_tiny_skew Categorical-OneHotCategorical jsd
-jsd_tiny_skew OneHotCategorical-Categorical jsd
-jsd_tiny_skew OneHotCategoricalStraightThrough-Categorical jsd
-jsd_tiny_skew MixtureSameFamily(Categorical)-Categorical jsd
-jsd_tiny_skew MixtureSameFamily(Categorical)-Categorical jsd_mc
-jsd_tiny_skew Categorical-MixtureSameFamily(Categorical) jsd
-jsd_tiny_skew Categorical-MixtureSameFamily(Categorical) jsd_mc
-jsd_tiny_skew MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) jsd
-jsd_tiny_skew MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) jsd_mc
-jsd_tiny_skew MixtureSameFamily(OneHotCategorical)-OneHotCategorical jsd
-jsd_tiny_skew MixtureSameFamily(OneHotCategorical)-OneHotCategorical jsd_mc
-jsd_tiny_skew OneHotCategorical-MixtureSameFamily(OneHotCategorical) jsd
-jsd_tiny_skew OneHotCategorical-MixtureSameFamily(OneHotCategorical) jsd_mc
-jsd_tiny_skew Independent(Normal)-MultivariateNormal jsd
-jsd_tiny_skew Independent(Normal)-MultivariateNormal jsd_mc
-jsd_tiny_skew MultivariateNormal-Independent(Normal) jsd
-jsd_tiny_skew MultivariateNormal-Independent(Normal) jsd_mc
-jsd_tiny_skew Independent(Normal)-LowRankMultivariateNormal jsd
-jsd_tiny_skew Independent(Normal)-LowRankMultivariateNormal jsd_mc
-jsd_tiny_skew LowRankMultivariateNormal-Independent(Normal) jsd
-jsd_tiny_skew LowRankMultivariateNormal-Independent(Normal) jsd_mc
-jsd_tiny_skew MixtureSameFamily(Normal)-MixtureSameFamily(Normal) jsd_mc
-jsd_tiny_skew Normal-MixtureSameFamily(Normal) jsd_mc
-jsd_tiny_skew MixtureSameFamily(Normal)-Normal jsd_mc
-jsd_tiny_skew Independent(Normal)-MixtureSameFamily(Independent(Normal)) jsd
-jsd_tiny_skew Independent(Normal)-MixtureSameFamily(Independent(Normal)) jsd_mc
-jsd_tiny_skew MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) jsd
-jsd_tiny_skew MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) jsd_mc
-jsd_tiny_skew MixtureSameFamily(MultivariateNormal)-MultivariateNormal jsd
-jsd_tiny_skew MixtureSameFamily(MultivariateNormal)-MultivariateNormal jsd_mc
-jsd_tiny_skew MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) jsd
-jsd_tiny_skew MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) jsd_mc
-jsd_tiny_skew MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) jsd
-jsd_tiny_skew MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) jsd_mc
-jsd_tiny_skew LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) jsd
-jsd_tiny_skew LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) jsd_mc
-jsd_tiny_skew Categorical-Categorical jsd
-jsd_tiny_skew Categorical-Categorical jsd_mc
-jsd_tiny_skew OneHotCategorical-OneHotCategorical jsd
-jsd_tiny_skew OneHotCategorical-OneHotCategorical jsd_mc
-jsd_tiny_skew Normal-Normal jsd_mc
-jsd_tiny_skew Independent(Normal)-Independent(Normal) jsd
-jsd_tiny_skew Independent(Normal)-Independent(Normal) jsd_mc
-jsd_tiny_skew MultivariateNormal-MultivariateNormal jsd
-jsd_tiny_skew MultivariateNormal-MultivariateNormal jsd_mc
-jsd_tiny_skew MultivariateNormal-LowRankMultivariateNormal jsd
-jsd_tiny_skew MultivariateNormal-LowRankMultivariateNormal jsd_mc
-jsd_tiny_skew LowRankMultivariateNormal-MultivariateNormal jsd
-jsd_tiny_skew LowRankMultivariateNormal-MultivariateNormal jsd_mc
-jsd_tiny_skew LowRankMultivariateNormal-LowRankMultivariateNormal jsd
-jsd_tiny_skew LowRankMultivariateNormal-LowRankMultivariateNormal jsd_mc
-jsd_tiny_skew MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal jsd
-jsd_tiny_skew MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal jsd_mc
-jsd_tiny_skew Categorical-OneHotCategorical:q-zero-where-p-positive jsd
-jsd_tiny_skew OneHotCategorical-Categorical:q-zero-where-p-positive jsd
-jsd_tiny_skew Categorical-OneHotCategorical:zero-in-p jsd
-jsd_tiny_skew Categorical-OneHotCategorical:peaked-K1000 jsd
-jsd_tiny_skew MixtureSameFamily(Normal)-Normal:zero-weight-component jsd_mc
-jsd_tiny_skew MixtureSameFamily(Normal)-Normal:tiny-far-component jsd_mc
-jsd_tiny_skew Normal-MixtureSameFamily(Normal):switching-components jsd_mc
-jsd_tiny_skew Independent(Normal)-LowRankMultivariateNormal:dominant-factor jsd
-jsd_tiny_skew Independent(Normal)-LowRankMultivariateNormal:dominant-factor jsd_mc
-""",
+PATHWISE_COPY = (
+    "not in issue 11: kl_mc's few-sample path for one Gaussian p (distkl/_pathwise.py) gives "
+    "KL(p, copy of p) = 0.005 +- 0.0005 at n=256 (z ~ 10; KL(p, p) too) where the docstring "
+    "promises exactly 0; owner training"
 )
-_xfail(
-    NAN_CAT,
-    """
-nan_in_nan_out Categorical-OneHotCategorical kl
-nan_in_nan_out Categorical-OneHotCategorical jsd
-nan_in_nan_out Categorical-OneHotCategorical bounded_kl
-nan_in_nan_out OneHotCategorical-Categorical kl
-nan_in_nan_out OneHotCategorical-Categorical jsd
-nan_in_nan_out OneHotCategorical-Categorical bounded_kl
-nan_in_nan_out OneHotCategoricalStraightThrough-Categorical kl
-nan_in_nan_out OneHotCategoricalStraightThrough-Categorical jsd
-nan_in_nan_out OneHotCategoricalStraightThrough-Categorical bounded_kl
-nan_in_nan_out MixtureSameFamily(Categorical)-Categorical kl
-nan_in_nan_out MixtureSameFamily(Categorical)-Categorical jsd
-nan_in_nan_out MixtureSameFamily(Categorical)-Categorical bounded_kl
-nan_in_nan_out Categorical-MixtureSameFamily(Categorical) kl
-nan_in_nan_out Categorical-MixtureSameFamily(Categorical) jsd
-nan_in_nan_out Categorical-MixtureSameFamily(Categorical) bounded_kl
-nan_in_nan_out MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) kl
-nan_in_nan_out MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) jsd
-nan_in_nan_out MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) bounded_kl
-nan_in_nan_out MixtureSameFamily(OneHotCategorical)-OneHotCategorical kl
-nan_in_nan_out MixtureSameFamily(OneHotCategorical)-OneHotCategorical jsd
-nan_in_nan_out MixtureSameFamily(OneHotCategorical)-OneHotCategorical bounded_kl
-nan_in_nan_out OneHotCategorical-MixtureSameFamily(OneHotCategorical) kl
-nan_in_nan_out OneHotCategorical-MixtureSameFamily(OneHotCategorical) jsd
-nan_in_nan_out OneHotCategorical-MixtureSameFamily(OneHotCategorical) bounded_kl
-nan_in_nan_out Categorical-Categorical jsd
-nan_in_nan_out Categorical-Categorical bounded_kl
-nan_in_nan_out OneHotCategorical-OneHotCategorical jsd
-nan_in_nan_out OneHotCategorical-OneHotCategorical bounded_kl
-nan_in_nan_out Categorical-OneHotCategorical:q-zero-where-p-positive kl
-nan_in_nan_out Categorical-OneHotCategorical:q-zero-where-p-positive jsd
-nan_in_nan_out Categorical-OneHotCategorical:q-zero-where-p-positive bounded_kl
-nan_in_nan_out OneHotCategorical-Categorical:q-zero-where-p-positive kl
-nan_in_nan_out OneHotCategorical-Categorical:q-zero-where-p-positive jsd
-nan_in_nan_out OneHotCategorical-Categorical:q-zero-where-p-positive bounded_kl
-nan_in_nan_out Categorical-OneHotCategorical:zero-in-p kl
-nan_in_nan_out Categorical-OneHotCategorical:zero-in-p jsd
-nan_in_nan_out Categorical-OneHotCategorical:zero-in-p bounded_kl
-nan_in_nan_out Categorical-OneHotCategorical:peaked-K1000 kl
-nan_in_nan_out Categorical-OneHotCategorical:peaked-K1000 jsd
-nan_in_nan_out Categorical-OneHotCategorical:peaked-K1000 bounded_kl
-""",
+PATHWISE_SCALAR = (
+    "not in issue 11: kl_mc with a Gaussian p of batch shape () raises TypeError (reshape() "
+    "without a shape) in distkl/_pathwise.py; owner training"
 )
-_xfail(
-    NAN_MIX,
-    """
-nan_in_nan_out MixtureSameFamily(Normal)-MixtureSameFamily(Normal) kl
-nan_in_nan_out MixtureSameFamily(Normal)-MixtureSameFamily(Normal) bounded_kl
-nan_in_nan_out Normal-MixtureSameFamily(Normal) kl
-nan_in_nan_out Normal-MixtureSameFamily(Normal) bounded_kl
-nan_in_nan_out MixtureSameFamily(Normal)-Normal kl
-nan_in_nan_out MixtureSameFamily(Normal)-Normal bounded_kl
-""",
+PATHWISE_EMPTY = (
+    "issue 11 item 8 in the new distkl/_pathwise.py: an empty batch raises min() of an empty "
+    "tensor; owner training"
 )
-_xfail(
-    EMPTY_MC,
-    """
-empty_batch MixtureSameFamily(Categorical)-Categorical kl_mc
-empty_batch MixtureSameFamily(Categorical)-Categorical jsd_mc
-empty_batch Categorical-MixtureSameFamily(Categorical) kl_mc
-empty_batch Categorical-MixtureSameFamily(Categorical) jsd_mc
-empty_batch MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) kl_mc
-empty_batch MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) jsd_mc
-empty_batch MixtureSameFamily(OneHotCategorical)-OneHotCategorical kl_mc
-empty_batch MixtureSameFamily(OneHotCategorical)-OneHotCategorical jsd_mc
-empty_batch OneHotCategorical-MixtureSameFamily(OneHotCategorical) kl_mc
-empty_batch OneHotCategorical-MixtureSameFamily(OneHotCategorical) jsd_mc
-empty_batch MixtureSameFamily(Normal)-MixtureSameFamily(Normal) kl_mc
-empty_batch MixtureSameFamily(Normal)-MixtureSameFamily(Normal) jsd_mc
-empty_batch Normal-MixtureSameFamily(Normal) jsd_mc
-empty_batch MixtureSameFamily(Normal)-Normal kl_mc
-empty_batch MixtureSameFamily(Normal)-Normal jsd_mc
-empty_batch Independent(Normal)-MixtureSameFamily(Independent(Normal)) jsd
-empty_batch Independent(Normal)-MixtureSameFamily(Independent(Normal)) jsd_mc
-empty_batch MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) kl
-empty_batch MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) kl_mc
-empty_batch MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) jsd
-empty_batch MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) jsd_mc
-empty_batch MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) bounded_kl
-empty_batch MixtureSameFamily(MultivariateNormal)-MultivariateNormal kl
-empty_batch MixtureSameFamily(MultivariateNormal)-MultivariateNormal kl_mc
-empty_batch MixtureSameFamily(MultivariateNormal)-MultivariateNormal jsd
-empty_batch MixtureSameFamily(MultivariateNormal)-MultivariateNormal jsd_mc
-empty_batch MixtureSameFamily(MultivariateNormal)-MultivariateNormal bounded_kl
-empty_batch MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) jsd
-empty_batch MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) jsd_mc
-empty_batch MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) kl
-empty_batch MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) kl_mc
-empty_batch MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) jsd
-empty_batch MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) jsd_mc
-empty_batch MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) bounded_kl
-empty_batch LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) jsd
-empty_batch LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) jsd_mc
-empty_batch Categorical-Categorical kl_mc
-empty_batch OneHotCategorical-OneHotCategorical kl_mc
-empty_batch MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal kl
-empty_batch MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal kl_mc
-empty_batch MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal jsd
-empty_batch MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal jsd_mc
-empty_batch MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal bounded_kl
-empty_batch MixtureSameFamily(Normal)-Normal:zero-weight-component kl_mc
-empty_batch MixtureSameFamily(Normal)-Normal:zero-weight-component jsd_mc
-empty_batch MixtureSameFamily(Normal)-Normal:tiny-far-component kl_mc
-empty_batch MixtureSameFamily(Normal)-Normal:tiny-far-component jsd_mc
-empty_batch Normal-MixtureSameFamily(Normal):switching-components jsd_mc
-""",
+PATHWISE_COVER = (
+    "kl_mc's pathwise path: the 95% interval covers about 0.66 of 64 seeds for N(0, 1) against "
+    "a LowRank with factor 1e4 (item 5 asks for honest intervals); owner training"
 )
+
+# ---- known failures (generated from a run) ----
 _xfail(
-    EMPTY_MAHA,
+    PATHWISE_COPY,
     """
-empty_batch Independent(Normal)-MultivariateNormal kl
-empty_batch Independent(Normal)-MultivariateNormal bounded_kl
-""",
-)
-_xfail(
-    EMPTY_TORCH,
-    """
-empty_batch Independent(Normal)-Independent(Normal) kl
-empty_batch Independent(Normal)-Independent(Normal) bounded_kl
-empty_batch MultivariateNormal-MultivariateNormal kl
-empty_batch MultivariateNormal-MultivariateNormal bounded_kl
-empty_batch MultivariateNormal-LowRankMultivariateNormal kl
-empty_batch MultivariateNormal-LowRankMultivariateNormal bounded_kl
-empty_batch LowRankMultivariateNormal-MultivariateNormal kl
-empty_batch LowRankMultivariateNormal-MultivariateNormal bounded_kl
-empty_batch LowRankMultivariateNormal-LowRankMultivariateNormal kl
-empty_batch LowRankMultivariateNormal-LowRankMultivariateNormal bounded_kl
-""",
-)
-_xfail(
-    LOWRANK32,
-    """
-nonnegative Independent(Normal)-LowRankMultivariateNormal:dominant-factor kl float32
-nonnegative Independent(Normal)-LowRankMultivariateNormal:dominant-factor bounded_kl float32
-batch_equals_alone Independent(Normal)-LowRankMultivariateNormal:dominant-factor kl float32
-batch_equals_alone Independent(Normal)-LowRankMultivariateNormal:dominant-factor bounded_kl float32
+copy_is_zero Independent(Normal)-MultivariateNormal kl_mc float64
+copy_is_zero MultivariateNormal-Independent(Normal) kl_mc float64
+copy_is_zero Independent(Normal)-LowRankMultivariateNormal kl_mc float64
+copy_is_zero MixtureSameFamily(MultivariateNormal)-MultivariateNormal kl_mc float64
+copy_is_zero MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) kl_mc float64
+copy_is_zero LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) kl_mc float64
+copy_is_zero MultivariateNormal-MultivariateNormal kl_mc float64
+copy_is_zero MultivariateNormal-LowRankMultivariateNormal kl_mc float64
+copy_is_zero LowRankMultivariateNormal-MultivariateNormal kl_mc float64
+copy_is_zero LowRankMultivariateNormal-LowRankMultivariateNormal kl_mc float64
+copy_is_zero MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal kl_mc float64
 """,
 )
 _xfail(
@@ -452,25 +280,216 @@ copy_is_zero Independent(Normal)-LowRankMultivariateNormal:dominant-factor bound
 """,
 )
 _xfail(
-    COVER_WEIGHT,
+    SKEW,
     """
-interval_coverage MixtureSameFamily(Normal)-Normal:zero-weight-component kl_mc
-interval_coverage MixtureSameFamily(Normal)-Normal:zero-weight-component jsd_mc
+jsd_tiny_skew Categorical-OneHotCategorical jsd float64
+jsd_tiny_skew OneHotCategorical-Categorical jsd float64
+jsd_tiny_skew OneHotCategoricalStraightThrough-Categorical jsd float64
+jsd_tiny_skew MixtureSameFamily(Categorical)-Categorical jsd float64
+jsd_tiny_skew MixtureSameFamily(Categorical)-Categorical jsd_mc float64
+jsd_tiny_skew Categorical-MixtureSameFamily(Categorical) jsd float64
+jsd_tiny_skew Categorical-MixtureSameFamily(Categorical) jsd_mc float64
+jsd_tiny_skew MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) jsd float64
+jsd_tiny_skew MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) jsd_mc float64
+jsd_tiny_skew MixtureSameFamily(OneHotCategorical)-OneHotCategorical jsd float64
+jsd_tiny_skew MixtureSameFamily(OneHotCategorical)-OneHotCategorical jsd_mc float64
+jsd_tiny_skew OneHotCategorical-MixtureSameFamily(OneHotCategorical) jsd float64
+jsd_tiny_skew OneHotCategorical-MixtureSameFamily(OneHotCategorical) jsd_mc float64
+jsd_tiny_skew Independent(Normal)-MultivariateNormal jsd float64
+jsd_tiny_skew Independent(Normal)-MultivariateNormal jsd_mc float64
+jsd_tiny_skew MultivariateNormal-Independent(Normal) jsd float64
+jsd_tiny_skew MultivariateNormal-Independent(Normal) jsd_mc float64
+jsd_tiny_skew Independent(Normal)-LowRankMultivariateNormal jsd float64
+jsd_tiny_skew Independent(Normal)-LowRankMultivariateNormal jsd_mc float64
+jsd_tiny_skew LowRankMultivariateNormal-Independent(Normal) jsd float64
+jsd_tiny_skew LowRankMultivariateNormal-Independent(Normal) jsd_mc float64
+jsd_tiny_skew MixtureSameFamily(Normal)-MixtureSameFamily(Normal) jsd_mc float64
+jsd_tiny_skew Normal-MixtureSameFamily(Normal) jsd_mc float64
+jsd_tiny_skew MixtureSameFamily(Normal)-Normal jsd_mc float64
+jsd_tiny_skew Independent(Normal)-MixtureSameFamily(Independent(Normal)) jsd float64
+jsd_tiny_skew Independent(Normal)-MixtureSameFamily(Independent(Normal)) jsd_mc float64
+jsd_tiny_skew MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) jsd float64
+jsd_tiny_skew MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) jsd_mc float64
+jsd_tiny_skew MixtureSameFamily(MultivariateNormal)-MultivariateNormal jsd float64
+jsd_tiny_skew MixtureSameFamily(MultivariateNormal)-MultivariateNormal jsd_mc float64
+jsd_tiny_skew MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) jsd float64
+jsd_tiny_skew MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) jsd_mc float64
+jsd_tiny_skew MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) jsd float64
+jsd_tiny_skew MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) jsd_mc float64
+jsd_tiny_skew LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) jsd float64
+jsd_tiny_skew LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) jsd_mc float64
+jsd_tiny_skew Categorical-Categorical jsd float64
+jsd_tiny_skew Categorical-Categorical jsd_mc float64
+jsd_tiny_skew OneHotCategorical-OneHotCategorical jsd float64
+jsd_tiny_skew OneHotCategorical-OneHotCategorical jsd_mc float64
+jsd_tiny_skew Normal-Normal jsd_mc float64
+jsd_tiny_skew Independent(Normal)-Independent(Normal) jsd float64
+jsd_tiny_skew Independent(Normal)-Independent(Normal) jsd_mc float64
+jsd_tiny_skew MultivariateNormal-MultivariateNormal jsd float64
+jsd_tiny_skew MultivariateNormal-MultivariateNormal jsd_mc float64
+jsd_tiny_skew MultivariateNormal-LowRankMultivariateNormal jsd float64
+jsd_tiny_skew MultivariateNormal-LowRankMultivariateNormal jsd_mc float64
+jsd_tiny_skew LowRankMultivariateNormal-MultivariateNormal jsd float64
+jsd_tiny_skew LowRankMultivariateNormal-MultivariateNormal jsd_mc float64
+jsd_tiny_skew LowRankMultivariateNormal-LowRankMultivariateNormal jsd float64
+jsd_tiny_skew LowRankMultivariateNormal-LowRankMultivariateNormal jsd_mc float64
+jsd_tiny_skew MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal jsd float64
+jsd_tiny_skew MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal jsd_mc float64
+jsd_tiny_skew Categorical-OneHotCategorical:q-zero-where-p-positive jsd float64
+jsd_tiny_skew OneHotCategorical-Categorical:q-zero-where-p-positive jsd float64
+jsd_tiny_skew Categorical-OneHotCategorical:zero-in-p jsd float64
+jsd_tiny_skew Categorical-OneHotCategorical:peaked-K1000 jsd float64
+jsd_tiny_skew MixtureSameFamily(Normal)-Normal:zero-weight-component jsd_mc float64
+jsd_tiny_skew MixtureSameFamily(Normal)-Normal:tiny-far-component jsd_mc float64
+jsd_tiny_skew Normal-MixtureSameFamily(Normal):switching-components jsd_mc float64
+jsd_tiny_skew Independent(Normal)-LowRankMultivariateNormal:dominant-factor jsd float64
+jsd_tiny_skew Independent(Normal)-LowRankMultivariateNormal:dominant-factor jsd_mc float64
+""",
+)
+_xfail(
+    PATHWISE_SCALAR,
+    """
+batch_equals_alone Normal-MixtureSameFamily(Normal) kl_mc float32
+batch_equals_alone Normal-MixtureSameFamily(Normal) kl_mc float64
+batch_equals_alone Normal-Normal kl_mc float32
+batch_equals_alone Normal-Normal kl_mc float64
+batch_equals_alone Normal-MixtureSameFamily(Normal):switching-components kl_mc float32
+batch_equals_alone Normal-MixtureSameFamily(Normal):switching-components kl_mc float64
+""",
+)
+_xfail(
+    NAN_MIX,
+    """
+nan_in_nan_out MixtureSameFamily(Normal)-MixtureSameFamily(Normal) kl float64
+nan_in_nan_out MixtureSameFamily(Normal)-MixtureSameFamily(Normal) bounded_kl float64
+nan_in_nan_out Normal-MixtureSameFamily(Normal) kl float64
+nan_in_nan_out Normal-MixtureSameFamily(Normal) bounded_kl float64
+nan_in_nan_out MixtureSameFamily(Normal)-Normal kl float64
+nan_in_nan_out MixtureSameFamily(Normal)-Normal bounded_kl float64
+""",
+)
+_xfail(
+    EMPTY_MC,
+    """
+empty_batch MixtureSameFamily(Categorical)-Categorical kl_mc float64
+empty_batch MixtureSameFamily(Categorical)-Categorical jsd_mc float64
+empty_batch Categorical-MixtureSameFamily(Categorical) kl_mc float64
+empty_batch Categorical-MixtureSameFamily(Categorical) jsd_mc float64
+empty_batch MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) kl_mc float64
+empty_batch MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) jsd_mc float64
+empty_batch MixtureSameFamily(OneHotCategorical)-OneHotCategorical kl_mc float64
+empty_batch MixtureSameFamily(OneHotCategorical)-OneHotCategorical jsd_mc float64
+empty_batch OneHotCategorical-MixtureSameFamily(OneHotCategorical) kl_mc float64
+empty_batch OneHotCategorical-MixtureSameFamily(OneHotCategorical) jsd_mc float64
+empty_batch MixtureSameFamily(Normal)-MixtureSameFamily(Normal) kl_mc float64
+empty_batch MixtureSameFamily(Normal)-MixtureSameFamily(Normal) jsd_mc float64
+empty_batch Normal-MixtureSameFamily(Normal) jsd_mc float64
+empty_batch MixtureSameFamily(Normal)-Normal kl_mc float64
+empty_batch MixtureSameFamily(Normal)-Normal jsd_mc float64
+empty_batch Independent(Normal)-MixtureSameFamily(Independent(Normal)) jsd float64
+empty_batch Independent(Normal)-MixtureSameFamily(Independent(Normal)) jsd_mc float64
+empty_batch MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) kl float64
+empty_batch MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) kl_mc float64
+empty_batch MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) jsd float64
+empty_batch MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) jsd_mc float64
+empty_batch MixtureSameFamily(Independent(Normal))-MixtureSameFamily(MultivariateNormal) bounded_kl float64
+empty_batch MixtureSameFamily(MultivariateNormal)-MultivariateNormal kl float64
+empty_batch MixtureSameFamily(MultivariateNormal)-MultivariateNormal kl_mc float64
+empty_batch MixtureSameFamily(MultivariateNormal)-MultivariateNormal jsd float64
+empty_batch MixtureSameFamily(MultivariateNormal)-MultivariateNormal jsd_mc float64
+empty_batch MixtureSameFamily(MultivariateNormal)-MultivariateNormal bounded_kl float64
+empty_batch MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) jsd float64
+empty_batch MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) jsd_mc float64
+empty_batch MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) kl float64
+empty_batch MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) kl_mc float64
+empty_batch MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) jsd float64
+empty_batch MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) jsd_mc float64
+empty_batch MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) bounded_kl float64
+empty_batch LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) jsd float64
+empty_batch LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) jsd_mc float64
+empty_batch Categorical-Categorical kl_mc float64
+empty_batch OneHotCategorical-OneHotCategorical kl_mc float64
+empty_batch MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal kl float64
+empty_batch MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal kl_mc float64
+empty_batch MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal jsd float64
+empty_batch MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal jsd_mc float64
+empty_batch MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal bounded_kl float64
+empty_batch MixtureSameFamily(Normal)-Normal:zero-weight-component kl_mc float64
+empty_batch MixtureSameFamily(Normal)-Normal:zero-weight-component jsd_mc float64
+empty_batch MixtureSameFamily(Normal)-Normal:tiny-far-component kl_mc float64
+empty_batch MixtureSameFamily(Normal)-Normal:tiny-far-component jsd_mc float64
+empty_batch Normal-MixtureSameFamily(Normal):switching-components jsd_mc float64
+""",
+)
+_xfail(
+    EMPTY_MAHA,
+    """
+empty_batch Independent(Normal)-MultivariateNormal kl float64
+empty_batch Independent(Normal)-MultivariateNormal bounded_kl float64
+""",
+)
+_xfail(
+    PATHWISE_EMPTY,
+    """
+empty_batch Independent(Normal)-MultivariateNormal kl_mc float64
+empty_batch MultivariateNormal-Independent(Normal) kl_mc float64
+empty_batch Independent(Normal)-LowRankMultivariateNormal kl_mc float64
+empty_batch LowRankMultivariateNormal-Independent(Normal) kl_mc float64
+empty_batch Normal-MixtureSameFamily(Normal) kl_mc float64
+empty_batch Independent(Normal)-MixtureSameFamily(Independent(Normal)) kl float64
+empty_batch Independent(Normal)-MixtureSameFamily(Independent(Normal)) kl_mc float64
+empty_batch Independent(Normal)-MixtureSameFamily(Independent(Normal)) bounded_kl float64
+empty_batch MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) kl float64
+empty_batch MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) kl_mc float64
+empty_batch MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) bounded_kl float64
+empty_batch LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) kl float64
+empty_batch LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) kl_mc float64
+empty_batch LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) bounded_kl float64
+empty_batch Normal-Normal kl_mc float64
+empty_batch Independent(Normal)-Independent(Normal) kl_mc float64
+empty_batch MultivariateNormal-MultivariateNormal kl_mc float64
+empty_batch MultivariateNormal-LowRankMultivariateNormal kl_mc float64
+empty_batch LowRankMultivariateNormal-MultivariateNormal kl_mc float64
+empty_batch LowRankMultivariateNormal-LowRankMultivariateNormal kl_mc float64
+empty_batch Normal-MixtureSameFamily(Normal):switching-components kl_mc float64
+empty_batch Independent(Normal)-LowRankMultivariateNormal:dominant-factor kl_mc float64
+""",
+)
+_xfail(
+    EMPTY_TORCH,
+    """
+empty_batch Independent(Normal)-Independent(Normal) kl float64
+empty_batch Independent(Normal)-Independent(Normal) bounded_kl float64
+empty_batch MultivariateNormal-MultivariateNormal kl float64
+empty_batch MultivariateNormal-MultivariateNormal bounded_kl float64
+empty_batch MultivariateNormal-LowRankMultivariateNormal kl float64
+empty_batch MultivariateNormal-LowRankMultivariateNormal bounded_kl float64
+empty_batch LowRankMultivariateNormal-MultivariateNormal kl float64
+empty_batch LowRankMultivariateNormal-MultivariateNormal bounded_kl float64
+empty_batch LowRankMultivariateNormal-LowRankMultivariateNormal kl float64
+empty_batch LowRankMultivariateNormal-LowRankMultivariateNormal bounded_kl float64
 """,
 )
 _xfail(
     COVER_TINY,
     """
-interval_coverage MixtureSameFamily(Normal)-Normal:tiny-far-component kl_mc
-interval_coverage MixtureSameFamily(Normal)-Normal:tiny-far-component jsd_mc
+interval_coverage MixtureSameFamily(Normal)-Normal:tiny-far-component kl_mc float64
+interval_coverage MixtureSameFamily(Normal)-Normal:tiny-far-component jsd_mc float64
+""",
+)
+_xfail(
+    PATHWISE_COVER,
+    """
+interval_coverage Independent(Normal)-LowRankMultivariateNormal:dominant-factor kl_mc float64
 """,
 )
 _xfail(
     COVER_JSD,
     """
-interval_coverage Independent(Normal)-LowRankMultivariateNormal:dominant-factor jsd_mc
+interval_coverage Independent(Normal)-LowRankMultivariateNormal:dominant-factor jsd_mc float64
 """,
 )
+# ---- end of known failures ----
 
 
 @functools.cache
@@ -531,7 +550,7 @@ def test_divergence_from_a_copy_is_zero(
 ) -> None:
     for op, dtype in variants:
         for d in ex.build(device, dtype):  # both sides of the row
-            twin = copy_of(d)
+            twin = copy_of(d, new_layout=True)
             if not with_stderr(op, d, twin):
                 continue
             value, se = OPS[op](d, twin, 2, N_SMALL)
@@ -752,8 +771,8 @@ def test_empty_batch(
         p, q = ex.build(device, dtype)
         empty = torch.Size((0, *batch_of(p, q)))
         # torch's own argument validation cannot check an empty batch (a reshape with -1).
-        pe = rebuild(p.expand(empty), lambda t: t.clone(), validate_args=False)
-        qe = rebuild(q.expand(empty), lambda t: t.clone(), validate_args=False)
+        pe = broadcast(p, empty, validate_args=False)
+        qe = broadcast(q, empty, validate_args=False)
         value, se = OPS[op](pe, qe, 10, N_SMALL)
         assert value.shape == se.shape == empty, f"{ex.id} {op}: shape {value.shape}"
         assert value.dtype == dtype and value.device.type == device.type
@@ -764,14 +783,25 @@ def _mixture_cases(prop: str) -> list:
 
 
 @pytest.mark.parametrize("ex", _mixture_cases("mixture_log_prob"))
-def test_mixture_log_prob_matches_torch_and_takes_no_samples(
+def test_mixture_log_prob_matches_torch(
     ex: Example, device: torch.device, dtype: torch.dtype
 ) -> None:
     for m in filter(is_gaussian_mixture, ex.build(device, dtype)):
         x = m.sample((5,))
         torch.testing.assert_close(distkl.mixture_log_prob(m, x), m.log_prob(x))
-        none = distkl.mixture_log_prob(m, x[:0])
-        assert none.shape == (0, *m.batch_shape)
+
+
+EMPTY_DENSITY = (
+    "issue 11 item 8: mixture_log_prob of 0 sample rows raises torch.cat(); owner mcengine"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=EMPTY_DENSITY)
+@pytest.mark.parametrize("ex", _mixture_cases("mixture_log_prob"))
+def test_mixture_log_prob_of_no_samples(ex: Example) -> None:
+    for m in filter(is_gaussian_mixture, ex.build("cpu", F64)):
+        x = m.sample((5,))
+        assert distkl.mixture_log_prob(m, x[:0]).shape == (0, *m.batch_shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -790,10 +820,6 @@ def reference(op: str, row_id: str) -> tuple[Tensor, Tensor]:
             value = kl_divergence(p, q) if kl else distkl.js_divergence(p, q)
         return value, torch.zeros_like(value)
     return OPS[op](p, q, 99, 16 * N_REF)
-
-
-def _expanded(d: Distribution, shape: torch.Size) -> Distribution:
-    return rebuild(d.expand(shape), lambda t: t.contiguous())
 
 
 @pytest.mark.parametrize("ex, variants", cases("estimate_near_reference", ops=MC_OPS))
@@ -819,7 +845,7 @@ def test_interval_coverage(ex: Example, variants: list[Variant]) -> None:
         batch = batch_of(p, q)
         ref, se_ref = reference(op, ex.id)
         shape = torch.Size((COVERAGE_SEEDS, *batch))
-        est, se = OPS[op](_expanded(p, shape), _expanded(q, shape), 14, N_SMALL)
+        est, se = OPS[op](broadcast(p, shape), broadcast(q, shape), 14, N_SMALL)
         finite = torch.isfinite(ref).expand(shape)
         z = ((est - ref) / (se.square() + se_ref.square()).sqrt())[finite]
         covered = ((est - ref)[finite] == 0) | (z.abs() <= 1.959964)
@@ -860,7 +886,7 @@ def test_jittered_rows(ex: Example, variants: list[Variant]) -> None:
             assert (value >= -Z * se).all(), f"{where}: {value} below 0"
             if op in JSD_OPS:
                 assert (value <= math.log(2.0)).all(), f"{where}: {value} above log 2"
-            twin = copy_of(p)
+            twin = copy_of(p, new_layout=True)
             if with_stderr(op, p, twin):
                 same, se_same = OPS[op](p, twin, 16, N_SMALL)
                 assert (same.abs() <= QUAD_TOL + Z * se_same).all(), f"{where}: vs copy {same}"
