@@ -29,6 +29,7 @@ from sybil.example import SybilFailure
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
 
 import distkl
+from distkl import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("api_hooks", ROOT / "docs" / "api_hooks.py")
@@ -88,18 +89,10 @@ def run_page(page: Path, name: str) -> int:
 
 @pytest.fixture
 def _registries_restored():
-    """Pages may register example rules; undo that so tests stay independent of order."""
-    from torch.distributions import kl as torch_kl
-
-    from distkl import registry
-
-    saved = (dict(torch_kl._KL_REGISTRY), dict(registry._KL_RULES), dict(registry._JSD_RULES))
-    yield
-    for table, old in zip((torch_kl._KL_REGISTRY, registry._KL_RULES, registry._JSD_RULES), saved):
-        table.clear()
-        table.update(old)
-    torch_kl._KL_MEMOIZE.clear()
-    registry._dispatch_jsd.cache_clear()
+    """Pages may register example rules (and the Pyro example imports Pyro, which registers its
+    own); undo that so tests stay independent of order."""
+    with registry.preserved_registries():
+        yield
 
 
 def test_readme_and_guide_have_checked_output():
