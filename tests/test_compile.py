@@ -90,10 +90,9 @@ COMPILES = [
     "MultivariateNormal-LowRankMultivariateNormal",
     "Categorical-OneHotCategorical",
     "posterior||mixture (mc)",
+    "1-D default (quadrature)",
 ]
 BREAKS = {
-    "1-D default (quadrature)": "distkl/quadrature.py _legendre: numpy.polynomial.legendre."
-    "leggauss is skipped by Dynamo",
     "mixture||posterior (mc)": "distkl/montecarlo/_strata.py: the stratified engine sizes its "
     "strata from data (data-dependent shapes)",
 }
