@@ -13,7 +13,7 @@ from distkl._gaussian import (
 )
 from distkl._logspace import safe_logsumexp
 from distkl.bounds._truncated import log_interval_mass, standardize
-from distkl.quadrature import _h_kl
+from distkl.quadrature import kl_integrand
 
 # ---- 1-D: cells ----------------------------------------------------------------------------------
 
@@ -71,7 +71,7 @@ def cell_bounds_1d(
 
     log_pa = log_mass(mp, loc_p, sc_p)
     log_qa = log_mass(mq, loc_q, sc_q)
-    terms = _h_kl(log_pa - log_qa, log_pa, log_qa)  # p log(p/q) + q - p >= 0, per cell
+    terms = kl_integrand(log_pa - log_qa, log_pa, log_qa)  # p log(p/q) + q - p >= 0, per cell
     # A cell whose q-mass underflowed: dropping its (non-negative) term keeps the lower bound,
     # the upper bound gives up (+inf).
     unresolved = (~torch.isfinite(terms)).any(-1)

@@ -15,7 +15,7 @@ from distkl._gaussian import (
 from distkl._logspace import safe_logsumexp
 from distkl.bounds._dv import ROUNDING, Slab, dv_quadratic_lower_bound
 from distkl.bounds._truncated import truncate, truncated_normal
-from distkl.quadrature import _h_kl
+from distkl.quadrature import kl_integrand
 
 # ---- per-component refinements (in the whitened frame of p_a) ------------------------------------
 
@@ -188,7 +188,7 @@ def slab_component_lower_bound(
     log_q_s = safe_logsumexp(lv + log_zq, -1)  # (*, Ka, S)
 
     log_f_s = log_fz.expand_as(log_q_s)
-    between = _h_kl(log_f_s - log_q_s, log_f_s, log_q_s).sum(-1)
+    between = kl_integrand(log_f_s - log_q_s, log_f_s, log_q_s).sum(-1)
     # each conditional KL is >= 0, so max(J, 0) is as valid a lower bound as J
     within = (
         log_f_s.exp() * torch.where(torch.isfinite(j), j, torch.zeros_like(j)).clamp(min=0.0)

@@ -19,7 +19,7 @@ from distkl.bounds._closed import coupling_upper_bound
 from distkl.bounds._components import grid_cells
 from distkl.bounds._dv import Slab, dv_quadratic_lower_bound
 from distkl.bounds._truncated import standardize, truncate, truncated_normal
-from distkl.quadrature import _h_kl
+from distkl.quadrature import kl_integrand
 
 # ---- mixture-level slabs (in the frame that whitens p's moment-matched Gaussian) -----------------
 
@@ -84,7 +84,7 @@ def _mixture_slabs(
     log_zq, _, _ = stats(mq)
     log_fs = safe_logsumexp(mp.log_weights.unsqueeze(-2) + log_zp, -1)
     log_gs = safe_logsumexp(mq.log_weights.unsqueeze(-2) + log_zq, -1)
-    between = _h_kl(log_fs - log_gs, log_fs, log_gs)
+    between = kl_integrand(log_fs - log_gs, log_fs, log_gs)
     between = torch.where(log_fs == -math.inf, torch.zeros_like(between), between).sum(-1)
     return lo, hi, log_zp, m1, m2, log_zq, between
 
