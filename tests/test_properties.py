@@ -255,6 +255,11 @@ PATHWISE_COVER = (
     "a LowRank with factor 1e4 (item 5 asks for honest intervals); owner training"
 )
 
+PATHWISE_REF = (
+    "not in issue 11: kl_mc's pathwise path (one Gaussian p, after the training merge) misses "
+    "torch's exact Normal-Normal KL by more than Z stderr at n=1024; owner training"
+)
+
 # ruff: noqa: E501  (the generated table below names long row ids)
 # ---- known failures (generated from a run) ----
 _xfail(
@@ -348,6 +353,12 @@ nan_in_nan_out MixtureSameFamily(Normal)-Normal:zero-weight-component jsd_mc flo
 nan_in_nan_out MixtureSameFamily(Normal)-Normal:tiny-far-component kl_mc float64
 nan_in_nan_out MixtureSameFamily(Normal)-Normal:tiny-far-component jsd_mc float64
 nan_in_nan_out Normal-MixtureSameFamily(Normal):switching-components jsd_mc float64
+""",
+)
+_xfail(
+    PATHWISE_REF,
+    """
+estimate_near_reference Normal-Normal kl_mc float64
 """,
 )
 # ---- end of known failures ----
