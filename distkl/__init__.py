@@ -1,21 +1,21 @@
 """distkl: the divergences torch.distributions lacks.
 
-``import distkl`` registers KL rules with `torch.distributions.kl.register_kl` for pairs
+`import distkl` registers KL rules with `torch.distributions.kl.register_kl` for pairs
 torch refuses today (it never overwrites one torch has), and adds a Jensen-Shannon registry,
 Monte Carlo estimators with standard errors, deterministic methods and bounds for mixtures, and a
-verifier that checks every analytic rule against sampling. ``distkl.symbolic`` (sympy) is
+verifier that checks every analytic rule against sampling. `distkl.symbolic` (sympy) is
 imported only when used.
 
-Names. Every function takes ``(p, q)`` in torch's order and computes the divergence of ``p``
-from ``q``. The divergence itself is named like torch's ``kl_divergence``: `js_divergence`
-(and `js_distance`, its square root, as ``scipy.spatial.distance.jensenshannon``); the ways
-to compute one are named by divergence and method, ``kl_*`` and ``jsd_*`` alike (`kl_mc` /
+Names. Every function takes `(p, q)` in torch's order and computes the divergence of `p`
+from `q`. The divergence itself is named like torch's `kl_divergence`: `js_divergence`
+(and `js_distance`, its square root, as `scipy.spatial.distance.jensenshannon`); the ways
+to compute one are named by divergence and method, `kl_*` and `jsd_*` alike (`kl_mc` /
 `jsd_mc`, `kl_quadrature` / `jsd_quadrature`, `kl_rules` / `jsd_rules`, `register_kl` /
 `register_jsd`). `kl_bounds` returns guaranteed bounds (`KLBounds`); `bounded_kl` is a KL
-squashed into ``[0, bound)`` for use as a loss. `distkl.functional` holds the same maths on raw
-logits/probabilities, with keyword-only ``p_*``/``q_*`` arguments. Helpers for one use live in
-their modules: `distkl.latent` (``kl_free_bits(posterior=, prior=)``, ``kl_annealing``),
-`distkl.montecarlo` (``expectation``), `distkl.verify` (``check_jsd``).
+squashed into `[0, bound)` for use as a loss. `distkl.functional` holds the same maths on raw
+logits/probabilities, with keyword-only `p_*`/`q_*` arguments. Helpers for one use live in
+their modules: `distkl.latent` (`kl_free_bits(posterior=, prior=)`, `kl_annealing`),
+`distkl.montecarlo` (`expectation`), `distkl.verify` (`check_jsd`).
 """
 
 import importlib

@@ -1,4 +1,4 @@
-"""``python -m distkl``: the same as the ``distkl`` command."""
+"""`python -m distkl`: the same as the `distkl` command."""
 
 from distkl.cli import main
 

@@ -1,17 +1,17 @@
 r"""Categorical families as normalised log-probabilities, and their exact KL and JS divergences.
 
-A ``Categorical``, a ``OneHotCategorical`` (subclasses included, e.g.
-``OneHotCategoricalStraightThrough``) and a ``MixtureSameFamily`` of either are all categorical
-over ``K`` categories; a mixture collapses to one categorical,
+A `Categorical`, a `OneHotCategorical` (subclasses included, e.g.
+`OneHotCategoricalStraightThrough`) and a `MixtureSameFamily` of either are all categorical
+over `K` categories; a mixture collapses to one categorical,
 
 $$
 \log p(k) = \operatorname{logsumexp}_j \big(\log w_j + \log p_j(k)\big).
 $$
 
 Log-probabilities come from the parameter each distribution was built with: normalised
-``logits`` as they are, and ``log(probs)`` without torch's ``eps`` clamping, so zero and tiny
+`logits` as they are, and `log(probs)` without torch's `eps` clamping, so zero and tiny
 probabilities stay exact (`distkl._torch_compat.exact_log_probs`). The divergences are the
-kernel's (`distkl._logspace`): $0 \log 0 = 0$, ``+inf`` (never NaN) where $q = 0 < p$, NaN in
+kernel's (`distkl._logspace`): $0 \log 0 = 0$, `+inf` (never NaN) where $q = 0 < p$, NaN in
 gives NaN out, finite gradients.
 
 The registered rules are in `distkl.rules.categorical`; this module holds what the rest of the
@@ -47,20 +47,20 @@ _BASE = (Categorical, OneHotCategorical)
 
 
 def is_categorical_family(d: Distribution) -> bool:
-    """True for ``Categorical``, ``OneHotCategorical`` (and subclasses) and mixtures of those."""
+    """True for `Categorical`, `OneHotCategorical` (and subclasses) and mixtures of those."""
     if isinstance(d, _BASE):
         return True
     return isinstance(d, MixtureSameFamily) and isinstance(d.component_distribution, _BASE)
 
 
 def _base_log_probs(d: Categorical | OneHotCategorical) -> Tensor:
-    """Normalised log-probabilities ``(*batch, K)`` from the parameter ``d`` was built with."""
+    """Normalised log-probabilities `(*batch, K)` from the parameter `d` was built with."""
     cat = d._categorical if isinstance(d, OneHotCategorical) else d
     return exact_log_probs(cat)
 
 
 def categorical_log_probs(d: Distribution) -> Tensor:
-    r"""Normalised log-probabilities ``(*batch, K)`` of a categorical-family distribution.
+    r"""Normalised log-probabilities `(*batch, K)` of a categorical-family distribution.
 
     For a mixture with weights $w_j$ and categorical components $p_j$,
 
@@ -68,13 +68,13 @@ def categorical_log_probs(d: Distribution) -> Tensor:
     \log p(k) = \operatorname{logsumexp}_j \big(\log w_j + \log p_j(k)\big).
     $$
 
-    Zero probabilities are ``-inf`` exactly, with zero (not NaN) gradients; NaN stays NaN.
+    Zero probabilities are `-inf` exactly, with zero (not NaN) gradients; NaN stays NaN.
 
     Args:
         d: a distribution in `SUPPORTED`.
 
     Returns:
-        Tensor of shape ``(*batch, K)``; for a mixture, ``batch`` broadcasts the mixing and
+        Tensor of shape `(*batch, K)`; for a mixture, `batch` broadcasts the mixing and
         component batch shapes.
 
     Raises:
@@ -99,13 +99,13 @@ def kl_categorical_mixture_pair(p: Distribution, q: Distribution) -> Tensor:
     $$
 
     on the collapsed log-probabilities (`categorical_log_probs`), with $0 \log 0 = 0$ and
-    ``+inf`` where $q(k) = 0 < p(k)$.
+    `+inf` where $q(k) = 0 < p(k)$.
 
     Source: Cover & Thomas (2006), *Elements of Information Theory*, 2nd ed., eq. (2.26);
     a finite mixture of categoricals is categorical with $p(k) = \sum_j w_j p_j(k)$.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Raises:
         NotImplementedError: if either side is not in `SUPPORTED`.
@@ -128,7 +128,7 @@ def js_categorical_family(p: Distribution, q: Distribution, alpha: float) -> Ten
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1), eq. (4.1).
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Raises:
         NotImplementedError: if either side is not in `SUPPORTED`.

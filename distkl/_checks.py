@@ -1,7 +1,7 @@
 """Argument and pair checks, one message style: what was expected, what was received.
 
-Every public function validates through these helpers, so a bad ``num_samples`` reads the same
-whether it reached ``kl_mc``, ``options`` or the CLI.
+Every public function validates through these helpers, so a bad `num_samples` reads the same
+whether it reached `kl_mc`, `options` or the CLI.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ MAX_COUNT = 2**40
 def check_positive_int(
     name: str, value: object, *, minimum: int = 1, maximum: int = MAX_COUNT
 ) -> int:
-    """Return ``value`` if it is an int in ``[minimum, maximum]``; else raise naming ``name``."""
+    """Return `value` if it is an int in `[minimum, maximum]`; else raise naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
@@ -44,11 +44,11 @@ def check_positive_int(
 
 
 def check_finite(name: str, value: object, *, minimum: float, strict: bool = False) -> float:
-    """Return ``value`` as a float if it is a finite real ``>= minimum`` (``>`` if ``strict``).
+    """Return `value` as a float if it is a finite real `>= minimum` (`>` if `strict`).
 
     Raises:
-        TypeError: not a real number (bools, strings, tensors and None included), naming ``name``.
-        ValueError: NaN, infinite or below the minimum, naming ``name``.
+        TypeError: not a real number (bools, strings, tensors and None included), naming `name`.
+        ValueError: NaN, infinite or below the minimum, naming `name`.
     """
     wanted = f"a finite number {'>' if strict else '>='} {minimum:g}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -60,7 +60,7 @@ def check_finite(name: str, value: object, *, minimum: float, strict: bool = Fal
 
 
 def check_skew(skew: object, name: str = "skew") -> float:
-    """Return ``skew`` as a float strictly inside (0, 1); else raise naming ``name``."""
+    """Return `skew` as a float strictly inside (0, 1); else raise naming `name`."""
     if isinstance(skew, Tensor) or isinstance(skew, bool) or not isinstance(skew, (int, float)):
         raise TypeError(
             f"{name} must be a Python float in (0, 1), got {type(skew).__name__} {skew!r}."
@@ -72,7 +72,7 @@ def check_skew(skew: object, name: str = "skew") -> float:
 
 
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
-    """Return ``value`` if it is one of ``choices``; else raise naming ``name`` and the choices."""
+    """Return `value` if it is one of `choices`; else raise naming `name` and the choices."""
     allowed = tuple(choices)
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
@@ -80,7 +80,7 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
 
 
 def check_same_event_shape(p: Distribution, q: Distribution) -> None:
-    """Raise ``ValueError`` unless ``p`` and ``q`` have the same event shape."""
+    """Raise `ValueError` unless `p` and `q` have the same event shape."""
     if p.event_shape != q.event_shape:
         raise ValueError(
             f"p and q must have the same event shape, got {tuple(p.event_shape)} for "
@@ -89,20 +89,20 @@ def check_same_event_shape(p: Distribution, q: Distribution) -> None:
 
 
 def check_same_num_categories(kp: int, kq: int) -> None:
-    """Raise ``ValueError`` unless two categoricals have the same number of categories."""
+    """Raise `ValueError` unless two categoricals have the same number of categories."""
     if kp != kq:
         raise ValueError(f"p and q must have the same number of categories, got {kp} and {kq}.")
 
 
 def unsupported(what: str, got: Distribution, supported: Iterable[str]) -> NotImplementedError:
-    """A ``NotImplementedError`` naming the unsupported family and listing the supported ones."""
+    """A `NotImplementedError` naming the unsupported family and listing the supported ones."""
     return NotImplementedError(
         f"distkl has no rule for {what} of type {describe(got)}; supported: {', '.join(supported)}."
     )
 
 
 def describe(d: Distribution) -> str:
-    """``Independent(Normal, 1)``-style name of a distribution's family."""
+    """`Independent(Normal, 1)`-style name of a distribution's family."""
     if isinstance(d, Independent):
         return f"Independent({describe(d.base_dist)}, {d.reinterpreted_batch_ndims})"
     if isinstance(d, MixtureSameFamily):
@@ -111,7 +111,7 @@ def describe(d: Distribution) -> str:
 
 
 def batch_shape_of(p: Distribution, q: Distribution) -> torch.Size:
-    """``torch.broadcast_shapes(p.batch_shape, q.batch_shape)`` with a clear error."""
+    """`torch.broadcast_shapes(p.batch_shape, q.batch_shape)` with a clear error."""
     try:
         return torch.broadcast_shapes(p.batch_shape, q.batch_shape)
     except RuntimeError:

@@ -5,10 +5,10 @@ LowRankMultivariateNormal, and MixtureSameFamily of any of them) is viewed as a 
 
     f(x) = sum_k w_k N(x; mu_k, Sigma_k),    k = 1..K
 
-with ``log_weights`` of shape ``(*batch, K)``, ``loc`` of shape ``(*batch, K, D)`` and either a
-diagonal scale ``scale_diag`` (``(*batch, K, D)``) or a lower-triangular ``scale_tril``
-(``(*batch, K, D, D)``). A single Gaussian has K = 1. A scalar event (``Normal``) has D = 1 and
-``event_shape == ()``.
+with `log_weights` of shape `(*batch, K)`, `loc` of shape `(*batch, K, D)` and either a
+diagonal scale `scale_diag` (`(*batch, K, D)`) or a lower-triangular `scale_tril`
+(`(*batch, K, D, D)`). A single Gaussian has K = 1. A scalar event (`Normal`) has D = 1 and
+`event_shape == ()`.
 """
 
 from __future__ import annotations
@@ -88,27 +88,27 @@ class GaussianMixture:
         return self.scale_diag is not None
 
     def tril(self) -> Tensor:
-        """Dense lower-triangular scale ``(*batch, K, D, D)`` (diagonal embedded if needed)."""
+        """Dense lower-triangular scale `(*batch, K, D, D)` (diagonal embedded if needed)."""
         if self.scale_tril is not None:
             return self.scale_tril
         assert self.scale_diag is not None
         return torch.diag_embed(self.scale_diag)
 
     def covariance(self) -> Tensor:
-        """Dense covariance ``(*batch, K, D, D)``."""
+        """Dense covariance `(*batch, K, D, D)`."""
         if self.scale_diag is not None:
             return torch.diag_embed(self.scale_diag.square())
         assert self.scale_tril is not None
         return self.scale_tril @ self.scale_tril.transpose(-1, -2)
 
     def log_det_cov(self) -> Tensor:
-        """``log det Sigma_k`` of shape ``(*batch, K)``."""
+        """`log det Sigma_k` of shape `(*batch, K)`."""
         return 2.0 * half_log_det(self)
 
     def rsample_components(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        """``n`` reparameterized draws from every component: shape ``(n, *batch, K, D)``.
+        """`n` reparameterized draws from every component: shape `(n, *batch, K, D)`.
 
-        The base noise is generated on the parameters' device with ``generator`` (or torch's
+        The base noise is generated on the parameters' device with `generator` (or torch's
         global generator), so a seeded generator reproduces the draws exactly.
         """
         shape = (n, *self.loc.shape)
@@ -119,7 +119,7 @@ class GaussianMixture:
         return self.loc + (self.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
 
     def expand(self, batch_shape: torch.Size) -> GaussianMixture:
-        """Broadcast the batch dimensions to ``batch_shape``."""
+        """Broadcast the batch dimensions to `batch_shape`."""
         k, d = self.num_components, self.dim
         return GaussianMixture(
             self.log_weights.expand(*batch_shape, k),
@@ -130,7 +130,7 @@ class GaussianMixture:
         )
 
     def moment_match(self) -> tuple[Tensor, Tensor]:
-        """Mean ``(*batch, D)`` and covariance ``(*batch, D, D)`` of the whole mixture."""
+        """Mean `(*batch, D)` and covariance `(*batch, D, D)` of the whole mixture."""
         w = self.log_weights.exp()
         mean = (w.unsqueeze(-1) * self.loc).sum(-2)
         dev = self.loc - mean.unsqueeze(-2)
@@ -141,7 +141,7 @@ class GaussianMixture:
 
 
 def is_gaussian_family(d: Distribution) -> bool:
-    """True when :func:`as_gaussian_mixture` accepts ``d``."""
+    """True when `as_gaussian_mixture` accepts `d`."""
     if isinstance(d, MixtureSameFamily):
         return _is_gaussian_component(d.component_distribution)
     return _is_gaussian_component(d)
@@ -159,11 +159,11 @@ def _is_gaussian_component(d: Distribution) -> bool:
 
 
 def _nan_where_negative(scale: Tensor) -> Tensor:
-    """``scale`` with negative entries replaced by NaN.
+    """`scale` with negative entries replaced by NaN.
 
-    With validation off torch accepts a negative scale; every method reading ``|scale|`` (or a
+    With validation off torch accepts a negative scale; every method reading `|scale|` (or a
     squared scale) would then silently compute the KL of another distribution. NaN propagates
-    instead, as torch's own ``log_prob`` does. Zero scales are kept (degenerate, not invalid here).
+    instead, as torch's own `log_prob` does. Zero scales are kept (degenerate, not invalid here).
     """
     return torch.where(scale < 0, torch.full_like(scale, math.nan), scale)
 
@@ -194,11 +194,11 @@ def _component_params(
 
 
 def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> GaussianMixture:
-    """Canonical :class:`GaussianMixture` view of a Normal-family distribution or mixture.
+    """Canonical `GaussianMixture` view of a Normal-family distribution or mixture.
 
-    Mixture weights are read exactly (a zero weight gives a log-weight of ``-inf``, never a
-    clamped ``log eps``); a negative scale (possible with validation off) becomes NaN, so every
-    method gives NaN for it rather than the value for ``|scale|``. Subclasses of the supported
+    Mixture weights are read exactly (a zero weight gives a log-weight of `-inf`, never a
+    clamped `log eps`); a negative scale (possible with validation off) becomes NaN, so every
+    method gives NaN for it rather than the value for `|scale|`. Subclasses of the supported
     families (e.g. Pyro's) are accepted.
 
     Raises:
@@ -234,10 +234,10 @@ def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> Gauss
 
 
 def broadcast_mixtures(p: Distribution, q: Distribution) -> tuple[GaussianMixture, GaussianMixture]:
-    """Canonical mixtures of ``p`` and ``q``, expanded to their broadcast batch shape.
+    """Canonical mixtures of `p` and `q`, expanded to their broadcast batch shape.
 
     Raises:
-        NotImplementedError: ``p`` or ``q`` is not a Normal-family distribution or mixture.
+        NotImplementedError: `p` or `q` is not a Normal-family distribution or mixture.
         ValueError: different event shapes, or batch shapes that do not broadcast.
     """
     check_same_event_shape(p, q)
@@ -248,9 +248,9 @@ def broadcast_mixtures(p: Distribution, q: Distribution) -> tuple[GaussianMixtur
 
 
 def to_float64(m: GaussianMixture) -> GaussianMixture:
-    """``m`` with every field cast to float64, log-weights renormalised there (differentiable).
+    """`m` with every field cast to float64, log-weights renormalised there (differentiable).
 
-    Float32 weights such as ``[1, 1e-10]`` sum to 1 only in float32; renormalising in float64
+    Float32 weights such as `[1, 1e-10]` sum to 1 only in float32; renormalising in float64
     keeps a tiny component's contribution from being off by its own weight.
     """
 
@@ -270,29 +270,29 @@ def to_float64(m: GaussianMixture) -> GaussianMixture:
 
 
 def loc_scale_1d(m: GaussianMixture) -> tuple[Tensor, Tensor]:
-    """``(loc, scale)`` of every component of a scalar-event mixture, each ``(*batch, K)``."""
+    """`(loc, scale)` of every component of a scalar-event mixture, each `(*batch, K)`."""
     scale = m.scale_diag if m.scale_diag is not None else m.tril()[..., 0]
     return m.loc[..., 0], scale[..., 0]
 
 
 def half_log_det(m: GaussianMixture) -> Tensor:
-    r"""$\tfrac12 \log\det\Sigma_k = \sum_i \log L_{k,ii}$ of every component: ``(*batch, K)``."""
+    r"""$\tfrac12 \log\det\Sigma_k = \sum_i \log L_{k,ii}$ of every component: `(*batch, K)`."""
     diag = m.scale_diag if m.scale_diag is not None else m.tril().diagonal(dim1=-2, dim2=-1)
     return diag.log().sum(-1)
 
 
 def invalid_elements(m: GaussianMixture) -> Tensor:
-    """Boolean mask ``(*batch,)`` of the batch elements with a NaN weight, location or scale."""
+    """Boolean mask `(*batch,)` of the batch elements with a NaN weight, location or scale."""
     bad = m.log_weights.isnan().any(-1) | m.loc.isnan().flatten(-2).any(-1)
     scale = m.scale_diag if m.scale_diag is not None else m.tril()
     return bad | scale.isnan().flatten(len(m.batch_shape)).any(-1)
 
 
 def neutralize(m: GaussianMixture, mask: Tensor) -> GaussianMixture:
-    """``m`` with the batch elements in ``mask`` replaced by standard normals of equal weight.
+    """`m` with the batch elements in `mask` replaced by standard normals of equal weight.
 
     For algorithms that would raise on NaN parameters (a Cholesky factorisation): compute on the
-    neutralised mixture, then put NaN back where ``mask`` is set. ``mask`` has ``m``'s batch shape.
+    neutralised mixture, then put NaN back where `mask` is set. `mask` has `m`'s batch shape.
     """
     k = m.num_components
     flat = mask[..., None]
@@ -309,10 +309,10 @@ def neutralize(m: GaussianMixture, mask: Tensor) -> GaussianMixture:
 
 
 def same_parameters(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
-    """Boolean mask ``(*batch,)`` (broadcast batch) of elements where every parameter is equal.
+    """Boolean mask `(*batch,)` (broadcast batch) of elements where every parameter is equal.
 
     Equal weights, locations and scales, component by component (a permutation of the
-    components is not recognised). All ``False`` when the numbers of components or the
+    components is not recognised). All `False` when the numbers of components or the
     dimensions differ.
     """
     batch = torch.broadcast_shapes(mp.batch_shape, mq.batch_shape)
@@ -326,7 +326,7 @@ def same_parameters(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
 
 
 def pairwise_kl(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
-    r"""``KL(p_a || q_b)`` in nats for every pair of components: shape ``(*batch, Ka, Kb)``.
+    r"""`KL(p_a || q_b)` in nats for every pair of components: shape `(*batch, Ka, Kb)`.
 
     $$
     \mathrm{KL}(p_a \| q_b) = \tfrac12\bigl(\|L_b^{-1} L_a\|_F^2
@@ -358,7 +358,7 @@ def pairwise_kl(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
 
 
 def pairwise_log_overlap(mp: GaussianMixture, mq: GaussianMixture, alpha: float = 0.5) -> Tensor:
-    r"""``log int p_a^alpha q_b^(1-alpha) dx`` for every pair: shape ``(*batch, Ka, Kb)``.
+    r"""`log int p_a^alpha q_b^(1-alpha) dx` for every pair: shape `(*batch, Ka, Kb)`.
 
     Minus the Chernoff $\alpha$-divergence $C_\alpha(p_a \| q_b)$:
 
@@ -370,7 +370,7 @@ def pairwise_log_overlap(mp: GaussianMixture, mq: GaussianMixture, alpha: float 
     $$
 
     $\Sigma_\alpha = (1-\alpha)\Sigma_a + \alpha\Gamma_b$, $\delta = \mu_a - \nu_b$.
-    ``alpha=0.5`` gives minus the Bhattacharyya distance.
+    `alpha=0.5` gives minus the Bhattacharyya distance.
 
     Source: Kolchinsky & Tracey (2017), "Estimating mixture entropy with pairwise distances",
     Entropy 19(7):361, sec. 4 (Chernoff alpha-divergence between Gaussians).
@@ -390,7 +390,7 @@ def pairwise_log_overlap(mp: GaussianMixture, mq: GaussianMixture, alpha: float 
 
 
 def pairwise_log_product(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
-    r"""``log int p_a q_b dx = log N(mu_a; nu_b, Sigma_a + Gamma_b)``: ``(*batch, Ka, Kb)``.
+    r"""`log int p_a q_b dx = log N(mu_a; nu_b, Sigma_a + Gamma_b)`: `(*batch, Ka, Kb)`.
 
     Source: Petersen & Pedersen (2012), "The Matrix Cookbook", eq. (371) (product of Gaussians).
     """
@@ -406,12 +406,12 @@ def pairwise_log_product(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
 
 
 def entropies(m: GaussianMixture) -> Tensor:
-    r"""Entropy of every component in nats, $\tfrac12\log\det(2\pi e\Sigma_k)$: ``(*batch, K)``."""
+    r"""Entropy of every component in nats, $\tfrac12\log\det(2\pi e\Sigma_k)$: `(*batch, K)`."""
     return 0.5 * m.dim * (1.0 + LOG_2PI) + half_log_det(m)
 
 
 def expected_log_density(gp: GaussianMixture, gq: GaussianMixture) -> Tensor:
-    r"""``E_{x ~ p_k}[log q_j(x)]`` in nats for every pair of components: ``(*batch, Kp, Kq)``.
+    r"""`E_{x ~ p_k}[log q_j(x)]` in nats for every pair of components: `(*batch, Kp, Kq)`.
 
     The Gaussian cross-entropy, negated:
 
@@ -421,7 +421,7 @@ def expected_log_density(gp: GaussianMixture, gq: GaussianMixture) -> Tensor:
     + (\mu_k - m_j)^\top S_j^{-1} (\mu_k - m_j)\big]
     $$
 
-    Batch shapes of ``gp`` and ``gq`` need only broadcast.
+    Batch shapes of `gp` and `gq` need only broadcast.
 
     Source: Rasmussen & Williams (2006), GPML, eq. (A.23) (the cross term of the Gaussian KL).
     """
@@ -447,7 +447,7 @@ def expected_log_density(gp: GaussianMixture, gq: GaussianMixture) -> Tensor:
 
 
 def mixture_log_density(x: Tensor, m: GaussianMixture) -> Tensor:
-    """``log m(x)`` in nats for points ``x`` of shape ``(*batch, N, D)``: shape ``(*batch, N)``."""
+    """`log m(x)` in nats for points `x` of shape `(*batch, N, D)`: shape `(*batch, N)`."""
     diff = x.unsqueeze(-2) - m.loc.unsqueeze(-3)  # (*b, N, K, D)
     if m.scale_diag is not None:
         z = diff / m.scale_diag.unsqueeze(-3)

@@ -3,7 +3,7 @@ safe logarithms, log-sum-exp, binary entropy and range clamp they (and the estim
 
 Conventions, for every function here:
 
-- ``-inf`` is a zero probability: $0 \log 0 = 0$ exactly, and $\mathrm{KL} = +\infty$ (never
+- `-inf` is a zero probability: $0 \log 0 = 0$ exactly, and $\mathrm{KL} = +\infty$ (never
   NaN) where $q_k = 0 < p_k$;
 - NaN in gives NaN out: a NaN anywhere in a distribution's log-probabilities makes its
   divergence NaN, never 0 or a finite number;
@@ -54,7 +54,7 @@ def binary_entropy(alpha: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def _largest_at_most(value: float, dtype: torch.dtype) -> float:
-    """The largest number representable in ``dtype`` that is ``<= value`` (cached: no tensor work
+    """The largest number representable in `dtype` that is `<= value` (cached: no tensor work
     per call)."""
     t = torch.tensor(value, dtype=dtype)
     if t.item() > value:
@@ -63,34 +63,34 @@ def _largest_at_most(value: float, dtype: torch.dtype) -> float:
 
 
 def clamp_to_js_range(js: Tensor, alpha: float) -> Tensor:
-    r"""``js`` clamped into $[0, H(\alpha)]$, the range where $\mathrm{JS}_\alpha$ lies.
+    r"""`js` clamped into $[0, H(\alpha)]$, the range where $\mathrm{JS}_\alpha$ lies.
 
-    Removes rounding excursions only; the upper end is the largest number of ``js.dtype`` that
+    Removes rounding excursions only; the upper end is the largest number of `js.dtype` that
     does not exceed $H(\alpha)$. NaN stays NaN.
 
     Returns:
-        Tensor of ``js``'s shape and dtype.
+        Tensor of `js`'s shape and dtype.
     """
     return js.clamp(0.0, _largest_at_most(binary_entropy(alpha), js.dtype))
 
 
 def safe_log(x: Tensor) -> Tensor:
-    """``log(x)`` with ``-inf`` (and a zero, not NaN, gradient) where ``x == 0``; NaN stays NaN.
+    """`log(x)` with `-inf` (and a zero, not NaN, gradient) where `x == 0`; NaN stays NaN.
 
     Returns:
-        Tensor of ``x``'s shape.
+        Tensor of `x`'s shape.
     """
     zero = x == 0
     return torch.where(zero, _NEG_INF, torch.where(zero, 1.0, x).log())
 
 
 def safe_logsumexp(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
-    """``logsumexp`` over ``dim``; ``-inf`` with a zero (not NaN) gradient where all terms are.
+    """`logsumexp` over `dim`; `-inf` with a zero (not NaN) gradient where all terms are.
 
-    ``torch.logsumexp`` gives the right value there but a NaN gradient. A NaN term gives NaN.
+    `torch.logsumexp` gives the right value there but a NaN gradient. A NaN term gives NaN.
 
     Returns:
-        Tensor of ``x``'s shape without ``dim`` (kept as size 1 with ``keepdim=True``).
+        Tensor of `x`'s shape without `dim` (kept as size 1 with `keepdim=True`).
     """
     empty = (x == _NEG_INF).all(dim, keepdim=True)
     out = torch.logsumexp(torch.where(empty, 0.0, x), dim, keepdim=True)
@@ -99,10 +99,10 @@ def safe_logsumexp(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
 
 
 def check_category_dim(log_p: Tensor, log_q: Tensor, dim: int) -> None:
-    """Raise unless ``dim`` indexes both tensors and they have the same number of categories.
+    """Raise unless `dim` indexes both tensors and they have the same number of categories.
 
     Raises:
-        IndexError: ``dim`` is outside ``[-ndim, ndim)`` of ``log_p`` or ``log_q``.
+        IndexError: `dim` is outside `[-ndim, ndim)` of `log_p` or `log_q`.
         ValueError: the numbers of categories differ.
     """
     for name, t in (("p", log_p), ("q", log_q)):
@@ -123,8 +123,8 @@ def kl_from_log_probs(log_p: Tensor, log_q: Tensor, dim: int = -1) -> Tensor:
     \qquad 0 \log \tfrac{0}{q_k} = 0, \quad p_k \log \tfrac{p_k}{0} = +\infty
     $$
 
-    Entries equal to ``-inf`` are zero probabilities. Terms with $p_k = 0$ are exactly 0; a
-    category with $p_k > 0 = q_k$ makes the divergence ``+inf`` (never NaN). A NaN entry in
+    Entries equal to `-inf` are zero probabilities. Terms with $p_k = 0$ are exactly 0; a
+    category with $p_k > 0 = q_k$ makes the divergence `+inf` (never NaN). A NaN entry in
     either input makes that divergence NaN. Inputs are masked before the arithmetic, so
     gradients are finite wherever the value is (and zero for the masked entries where it is
     infinite). The result is clamped at 0 from below to remove negative rounding.
@@ -133,15 +133,15 @@ def kl_from_log_probs(log_p: Tensor, log_q: Tensor, dim: int = -1) -> Tensor:
     the conventions that follow it.
 
     Args:
-        log_p: normalised log-probabilities of ``p`` (``logsumexp`` over ``dim`` is 0).
-        log_q: normalised log-probabilities of ``q``; broadcasts with ``log_p``.
+        log_p: normalised log-probabilities of `p` (`logsumexp` over `dim` is 0).
+        log_q: normalised log-probabilities of `q`; broadcasts with `log_p`.
         dim: the category dimension (same size in both).
 
     Returns:
-        Tensor of the broadcast shape of ``log_p`` and ``log_q`` without ``dim``.
+        Tensor of the broadcast shape of `log_p` and `log_q` without `dim`.
 
     Raises:
-        IndexError: ``dim`` does not index both inputs.
+        IndexError: `dim` does not index both inputs.
         ValueError: the numbers of categories differ.
 
     Example:
@@ -163,7 +163,7 @@ def kl_from_log_probs(log_p: Tensor, log_q: Tensor, dim: int = -1) -> Tensor:
 
 
 def log_ratio_to_mix(d: Tensor, beta: float) -> Tensor:
-    r"""$-\log(1 + \beta(e^d - 1))$ for finite ``d``: $\log(p/m)$ with $d = \log q - \log p$.
+    r"""$-\log(1 + \beta(e^d - 1))$ for finite `d`: $\log(p/m)$ with $d = \log q - \log p$.
 
     With $m = (1-\beta) p + \beta q$ this is $\log(p/m)$. Computed as
     $-\operatorname{log1p}(\beta \operatorname{expm1}(d))$ up to $d = 1$ (exactly 0 at $d = 0$,
@@ -171,7 +171,7 @@ def log_ratio_to_mix(d: Tensor, beta: float) -> Tensor:
     (no overflow). NaN stays NaN.
 
     Returns:
-        Tensor of ``d``'s shape.
+        Tensor of `d`'s shape.
     """
     small = ~(d > 1.0)  # NaN takes the first branch, which keeps it
     r_small = -torch.log1p(beta * torch.expm1(torch.where(small, d, 0.0)))
@@ -206,26 +206,26 @@ def js_from_log_probs(log_p: Tensor, log_q: Tensor, *, skew: float = 0.5, dim: i
     $$
 
     Each $\log(p_k/m_k)$ is `log_ratio_to_mix` of $\log q_k - \log p_k$, so the value keeps its
-    relative precision when ``p`` and ``q`` nearly agree; ``-inf`` entries (zero
+    relative precision when `p` and `q` nearly agree; `-inf` entries (zero
     probabilities) are exact, with finite gradients; NaN in either input gives NaN. The result
     is clamped into $[0, H(\alpha)]$.
 
     Source: Lin (1991), "Divergence measures based on the Shannon entropy", IEEE Trans. Inf.
-    Theory 37(1), eq. (4.1) with weights ``(alpha, 1 - alpha)``.
+    Theory 37(1), eq. (4.1) with weights `(alpha, 1 - alpha)`.
 
     Args:
-        log_p: normalised log-probabilities of ``p``.
-        log_q: normalised log-probabilities of ``q``; broadcasts with ``log_p``.
-        skew: $\alpha$ in (0, 1), the weight of ``p`` in ``m``.
+        log_p: normalised log-probabilities of `p`.
+        log_q: normalised log-probabilities of `q`; broadcasts with `log_p`.
+        skew: $\alpha$ in (0, 1), the weight of `p` in `m`.
         dim: the category dimension (same size in both).
 
     Returns:
-        Tensor of the broadcast shape of ``log_p`` and ``log_q`` without ``dim``.
+        Tensor of the broadcast shape of `log_p` and `log_q` without `dim`.
 
     Raises:
-        IndexError: ``dim`` does not index both inputs.
-        ValueError: the numbers of categories differ, or ``skew`` is not in (0, 1).
-        TypeError: ``skew`` is not a Python number.
+        IndexError: `dim` does not index both inputs.
+        ValueError: the numbers of categories differ, or `skew` is not in (0, 1).
+        TypeError: `skew` is not a Python number.
     """
     alpha = check_skew(skew)
     check_category_dim(log_p, log_q, dim)

@@ -1,14 +1,16 @@
-"""``distkl.options``: how the registered estimate rules (mixtures, continuous JSD) compute.
+"""`distkl.options`: how the registered estimate rules (mixtures, continuous JSD) compute.
 
-``options(...)`` sets the options when it is called and, used as a context manager, restores the
-previous ones on exit::
+`options(...)` sets the options when it is called and, used as a context manager, restores the
+previous ones on exit:
 
-    distkl.options(method="mc", num_samples=8192)        # set from here on
-    with distkl.options(method="quadrature"):             # only inside the block
-        kl_divergence(p, q)
+```python
+distkl.options(method="mc", num_samples=8192)        # set from here on
+with distkl.options(method="quadrature"):             # only inside the block
+    kl_divergence(p, q)
+```
 
-The settings live in a :class:`contextvars.ContextVar`, like ``torch.set_grad_enabled`` keeps its
-flag per thread: each thread (and asyncio task) sees its own settings, so concurrent ``with``
+The settings live in a `contextvars.ContextVar`, like `torch.set_grad_enabled` keeps its
+flag per thread: each thread (and asyncio task) sees its own settings, so concurrent `with`
 blocks in different threads never interfere. A new thread starts from distkl's defaults.
 """
 
@@ -28,7 +30,7 @@ from distkl._checks import check_choice, check_positive_int
 __all__ = ["Options", "options", "get_options", "METHODS", "SAMPLE_BUDGET", "samples_per_pair"]
 
 METHODS = ("auto", "mc", "quadrature", "variational", "unscented")
-#: Monte Carlo samples per call when ``num_samples`` is not set, shared by the pairs of the batch.
+#: Monte Carlo samples per call when `num_samples` is not set, shared by the pairs of the batch.
 SAMPLE_BUDGET = 4096
 
 
@@ -37,19 +39,19 @@ class Options:
     """The settings in force.
 
     Attributes:
-        method: how rules without a closed form compute. ``"auto"`` (default): ``"quadrature"``
-            when the event is 1-D (event shape ``()``) and every component family supports it,
-            ``"mc"`` otherwise. ``"mc"``: stratified Monte Carlo (unbiased, differentiable, noisy).
-            ``"quadrature"``: deterministic composite Gauss-Legendre quadrature over the
+        method: how rules without a closed form compute. `"auto"` (default): `"quadrature"`
+            when the event is 1-D (event shape `()`) and every component family supports it,
+            `"mc"` otherwise. `"mc"`: stratified Monte Carlo (unbiased, differentiable, noisy).
+            `"quadrature"`: deterministic composite Gauss-Legendre quadrature over the
             components' breakpoints, 1-D events only.
-            ``"variational"``: Hershey & Olsen (2007) variational approximation (deterministic,
-            biased). ``"unscented"``: unscented transform, 2D+1 sigma points per component
+            `"variational"`: Hershey & Olsen (2007) variational approximation (deterministic,
+            biased). `"unscented"`: unscented transform, 2D+1 sigma points per component
             (deterministic, biased).
-        num_samples: Monte Carlo samples per pair (per batch element). Default ``None``: a budget
-            of ``SAMPLE_BUDGET`` (4096) samples per call shared by the batch, at least one per
-            pair (see :func:`samples_per_pair`): one pair alone gets 4096 samples, a training
+        num_samples: Monte Carlo samples per pair (per batch element). Default `None`: a budget
+            of `SAMPLE_BUDGET` (4096) samples per call shared by the batch, at least one per
+            pair (see `samples_per_pair`): one pair alone gets 4096 samples, a training
             batch of 128 gets 32 each, so a default call inside a training loop stays cheap.
-        generator: a :class:`torch.Generator` making Monte Carlo reproducible (default: torch's
+        generator: a `torch.Generator` making Monte Carlo reproducible (default: torch's
             global generator).
         chunk_size: samples drawn and reduced at a time (default: chosen from a memory budget).
         quadrature_nodes: quadrature nodes per mixture component (default 128).
@@ -75,14 +77,14 @@ class Options:
 
 
 def samples_per_pair(num_samples: Optional[int], num_pairs: int) -> int:
-    """Samples per pair: ``num_samples`` if set, else the per-call budget shared by the batch.
+    """Samples per pair: `num_samples` if set, else the per-call budget shared by the batch.
 
     Args:
-        num_samples: the explicit count per pair, or ``None`` for the default budget.
+        num_samples: the explicit count per pair, or `None` for the default budget.
         num_pairs: pairs in the call (the broadcast batch's number of elements).
 
     Returns:
-        ``num_samples``, or ``max(1, ceil(SAMPLE_BUDGET / num_pairs))``.
+        `num_samples`, or `max(1, ceil(SAMPLE_BUDGET / num_pairs))`.
     """
     if num_samples is not None:
         return num_samples
@@ -90,9 +92,9 @@ def samples_per_pair(num_samples: Optional[int], num_pairs: int) -> int:
 
 
 class _OptionsVar:
-    """The options' ContextVar, mirrored in a plain attribute for ``torch.compile``.
+    """The options' ContextVar, mirrored in a plain attribute for `torch.compile`.
 
-    Dynamo cannot trace ``ContextVar.get``; it can read ``mirror`` and guards on it, so a compiled
+    Dynamo cannot trace `ContextVar.get`; it can read `mirror` and guards on it, so a compiled
     function recompiles when the options change. The mirror holds the options last set in any
     thread: compiled code in several threads with different options sees the latest ones.
     """
@@ -120,7 +122,7 @@ _CURRENT = _OptionsVar()
 
 
 def get_options() -> Options:
-    """The options in force in this thread (under ``torch.compile``: the ones last set)."""
+    """The options in force in this thread (under `torch.compile`: the ones last set)."""
     if torch.compiler.is_compiling():
         return _CURRENT.mirror
     return _CURRENT.get()
@@ -136,7 +138,7 @@ _UNSET = _Unset.UNSET
 
 
 class _Entry:
-    """One active ``with options(...)`` block: the options before it and the changes it made."""
+    """One active `with options(...)` block: the options before it and the changes it made."""
 
     __slots__ = ("previous", "changes")
 
@@ -145,7 +147,7 @@ class _Entry:
         self.changes = changes
 
 
-#: The ``with`` blocks active in this context, outermost first.
+#: The `with` blocks active in this context, outermost first.
 _ACTIVE: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar(
     "distkl_options_active", default=()
 )
@@ -158,7 +160,7 @@ class options:
     for the defaults and meanings).
 
     Args:
-        method: ``"auto"``, ``"mc"``, ``"quadrature"``, ``"variational"`` or ``"unscented"``.
+        method: `"auto"`, `"mc"`, `"quadrature"`, `"variational"` or `"unscented"`.
         num_samples: Monte Carlo samples per pair, or None for a budget of 4096 per call shared
             by the batch.
         generator: `torch.Generator` for reproducible Monte Carlo, or None for torch's global one.
@@ -166,11 +168,11 @@ class options:
         quadrature_nodes: quadrature nodes per component.
 
     Raises:
-        TypeError: an unknown option name, or a ``generator`` that is not a `torch.Generator`.
+        TypeError: an unknown option name, or a `generator` that is not a `torch.Generator`.
         ValueError: an invalid value, naming the option.
 
-    A context object applies its settings on every ``__enter__`` (so one object can serve
-    several ``with`` blocks) and undoes them on ``__exit__``; its first block restores what was
+    A context object applies its settings on every `__enter__` (so one object can serve
+    several `with` blocks) and undoes them on `__exit__`; its first block restores what was
     in force before the call that created it. Blocks exited out of order leave the blocks still
     open in force, on top of the options from before the one that exited.
 

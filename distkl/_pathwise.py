@@ -61,10 +61,10 @@ MIN_FIT_UNITS = 16
 #: Antithetic pairs when the posterior's largest scale is below this fraction of the smallest
 #: component scale of q (in at least half of the batch).
 ANTITHETIC_RATIO = 0.5
-#: Largest ``n * batch * (components of q + event size)`` the estimator takes on its own when
+#: Largest `n * batch * (components of q + event size)` the estimator takes on its own when
 #: the caller did not pass samples (beyond it the chunked stratified engine is cheaper on memory).
 MAX_WORK = 1 << 23
-#: Largest ``(*sample, *batch, K, D)`` intermediate scored elementwise (beyond: GEMMs).
+#: Largest `(*sample, *batch, K, D)` intermediate scored elementwise (beyond: GEMMs).
 ELEMENTWISE_LIMIT = 1 << 18
 #: Relative ridge on the diagonal of the normal equations (bounds the coefficients of nearly
 #: collinear controls; shrinks a coefficient by about this fraction otherwise).
@@ -74,7 +74,7 @@ _LOG_2PI = math.log(2 * math.pi)
 
 @dataclass(frozen=True)
 class PathwiseResult:
-    """KL(p || q) estimate: ``value`` (differentiable), ``stderr`` (detached), ``num_samples``."""
+    """KL(p || q) estimate: `value` (differentiable), `stderr` (detached), `num_samples`."""
 
     value: Tensor
     stderr: Tensor
@@ -82,7 +82,7 @@ class PathwiseResult:
 
 
 def pathwise_applies(p: Distribution, q: Distribution, num_samples: int) -> bool:
-    """True when :func:`kl_pathwise` takes the pair at ``num_samples`` fresh samples per pair.
+    """True when `kl_pathwise` takes the pair at `num_samples` fresh samples per pair.
 
     p must be one Normal-family distribution (not a mixture), and the work small enough to hold
     all samples at once.
@@ -140,7 +140,7 @@ def kl_pathwise(
             estimate $\log p(z) - \log q(z)$ averaged over the samples.
 
     Returns:
-        :class:`PathwiseResult` of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
+        `PathwiseResult` of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Raises:
         ValueError: for different event shapes, non-broadcasting batch shapes, a bad sample
@@ -192,7 +192,7 @@ def _draws(
     antithetic: Optional[bool],
     q: Distribution,
 ) -> tuple[Tensor, Tensor, bool]:
-    """``(eps (n, *batch_p, D) detached, z (n, *batch_p, *event), paired)``."""
+    """`(eps (n, *batch_p, D) detached, z (n, *batch_p, *event), paired)`."""
     bp, ev = p.batch_shape, p.event_shape
     loc = gp.loc[..., 0, :]  # (*bp, D)
     if samples is not None:
@@ -237,7 +237,7 @@ def _draws(
 
 
 def _narrow(gp: GaussianMixture, q: Distribution) -> Tensor:
-    """Mask ``(*batch_p)``: p's largest scale below ANTITHETIC_RATIO x q's smallest scale."""
+    """Mask `(*batch_p)`: p's largest scale below ANTITHETIC_RATIO x q's smallest scale."""
     gq = as_gaussian_mixture(q, role="q")
     sp = gp.scale_diag if gp.scale_diag is not None else gp.tril().diagonal(dim1=-2, dim2=-1)
     sq = gq.scale_diag if gq.scale_diag is not None else gq.tril().diagonal(dim1=-2, dim2=-1)
@@ -252,7 +252,7 @@ def _log_q_terms(
     controls: bool,
     batch: torch.Size,
 ) -> tuple[Tensor, Optional[Tensor], Tensor]:
-    r"""``(-log q(z) (n, *batch), c_2 (n, *batch) or None, baseline (*batch))``.
+    r"""`(-log q(z) (n, *batch), c_2 (n, *batch) or None, baseline (*batch))`.
 
     One evaluation of $\log q$ at the samples and, for the controls, at $\mu$ (in the same call).
     The baseline approximates $\mathbb{E}_p[-\log q]$ (only to centre the regression; any value
@@ -281,9 +281,9 @@ def _log_q_terms(
 def _matched_control(
     gp: GaussianMixture, gq: GaussianMixture, comp: Tensor, z: Tensor, batch: torch.Size
 ) -> Tensor:
-    r"""$c_2 = \log q_j(z) - \mathbb{E}_p[\log q_j]$, ``(n, *batch)``, for diagonal p and q.
+    r"""$c_2 = \log q_j(z) - \mathbb{E}_p[\log q_j]$, `(n, *batch)`, for diagonal p and q.
 
-    $j$ maximises $\log v_j + \mathbb{E}_p[\log q_j]$ (from ``comp``, the detached component
+    $j$ maximises $\log v_j + \mathbb{E}_p[\log q_j]$ (from `comp`, the detached component
     log-densities at the samples and, last, at $\mu$). q's parameters enter detached: $c_2$ has
     zero mean for every value of p's parameters, so its gradient with respect to them is a
     zero-mean control; a gradient into q's parameters would add noise there (measured: up to
@@ -312,10 +312,10 @@ def _matched_control(
 
 
 def _component_log_prob(gq: GaussianMixture, x: Tensor) -> Tensor:
-    """``log q_j(x)`` of shape ``(*sample, *batch, Kq)``.
+    """`log q_j(x)` of shape `(*sample, *batch, Kq)`.
 
     Small diagonal problems elementwise (fewest operations: at a VAE's sizes the time is the
-    number of operations, not their size); everything else by :class:`GaussianScorer`'s GEMMs.
+    number of operations, not their size); everything else by `GaussianScorer`'s GEMMs.
     """
     if gq.scale_diag is not None:
         xs = x.unsqueeze(-1) if len(gq.event_shape) == 0 else x
@@ -329,9 +329,9 @@ def _component_log_prob(gq: GaussianMixture, x: Tensor) -> Tensor:
 
 
 def _loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) -> Optional[Tensor]:
-    r"""Leave-one-draw-out least-squares coefficients ``(m, *batch, k)`` of target on controls.
+    r"""Leave-one-draw-out least-squares coefficients `(m, *batch, k)` of target on controls.
 
-    ``units`` is ``(m, *batch, 1 + k)``, ``k`` 1 or 2: the centred target, then the controls.
+    `units` is `(m, *batch, 1 + k)`, `k` 1 or 2: the centred target, then the controls.
     The statistics of output elements sharing one draw of p are summed (they are not
     independent); each draw's coefficients come from all the other draws (a 1x1 or 2x2 normal
     equation, solved in closed form with a small ridge). None when too few draws are left.
@@ -359,10 +359,10 @@ def _loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) 
 
 
 def _stderr(per_unit: Tensor, m: int) -> Tensor:
-    r"""Standard error of the mean of ``m`` units, NaN with one unit (no spread to measure).
+    r"""Standard error of the mean of `m` units, NaN with one unit (no spread to measure).
 
     The sample standard deviation over $\sqrt{m}$, scaled by $t_{m-1}(0.975) / z(0.975)$ so that
-    ``value +- 1.96 * stderr`` keeps its 95% coverage when there are few units (Student's t
+    `value +- 1.96 * stderr` keeps its 95% coverage when there are few units (Student's t
     interval; measured coverage without it: 67% at 2 units, 88% at 16).
     """
     if m < 2:
@@ -371,7 +371,7 @@ def _stderr(per_unit: Tensor, m: int) -> Tensor:
 
 
 def _t975(df: float) -> float:
-    """0.975 quantile of Student's t with ``df`` degrees of freedom (Hill 1970, Algorithm 396)."""
+    """0.975 quantile of Student's t with `df` degrees of freedom (Hill 1970, Algorithm 396)."""
     if df == math.inf:
         return 1.959963984540054
     if df == 1:

@@ -23,7 +23,7 @@ class StreamingMoments:
         self.m2: Optional[Tensor] = None
 
     def add(self, values: Tensor) -> None:
-        """Merge the rows of ``values`` (shape ``(m, *shape)``)."""
+        """Merge the rows of `values` (shape `(m, *shape)`)."""
         v = values.to(torch.float64)
         m = v.shape[0]
         if m == 0:
@@ -40,7 +40,7 @@ class StreamingMoments:
         self.n = n
 
     def result(self) -> tuple[Tensor, Tensor]:
-        """``(mean, standard error of the mean)``; the error is 0 where the mean is infinite."""
+        """`(mean, standard error of the mean)`; the error is 0 where the mean is infinite."""
         if self.mean is None or self.m2 is None:
             raise ValueError("StreamingMoments.result() called before any values were added.")
         var = self.m2 / max(self.n - 1, 1)

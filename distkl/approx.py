@@ -1,20 +1,21 @@
-r"""Sampling-free approximations of ``KL(p || q)`` between D-dimensional Gaussian mixtures.
+r"""Sampling-free approximations of `KL(p || q)` between D-dimensional Gaussian mixtures.
 
-.. math::
-    p(x) = \sum_a w_a\, \mathcal{N}(x; \mu_a, \Sigma_a), \qquad
-    q(x) = \sum_b v_b\, \mathcal{N}(x; \nu_b, \Gamma_b)
+$$
+p(x) = \sum_a w_a\, \mathcal{N}(x; \mu_a, \Sigma_a), \qquad
+q(x) = \sum_b v_b\, \mathcal{N}(x; \nu_b, \Gamma_b)
+$$
 
-* :func:`kl_variational`: Hershey & Olsen (2007) variational approximation, closed form from the
-  pairwise KL divergences of the components.
-* :func:`kl_unscented`: the unscented transform, :math:`2D + 1` sigma points per component of
-  ``p``.
+* [`kl_variational`][distkl.kl_variational]: Hershey & Olsen (2007) variational approximation,
+  closed form from the pairwise KL divergences of the components.
+* [`kl_unscented`][distkl.kl_unscented]: the unscented transform, $2D + 1$ sigma points per
+  component of `p`.
 
-Both are deterministic and differentiable, biased, and exact when ``p`` and ``q`` are single
-Gaussians. For guaranteed bounds see :mod:`distkl.bounds`; for 1-D events
-:func:`distkl.quadrature.kl_quadrature` is exact to about 1e-12.
+Both are deterministic and differentiable, biased, and exact when `p` and `q` are single
+Gaussians. For guaranteed bounds see `distkl.bounds`; for 1-D events
+[`distkl.quadrature.kl_quadrature`][distkl.kl_quadrature] is exact to about 1e-12.
 
 The pairwise Gaussian quantities (KL, Chernoff divergences, overlap integrals) live in
-``distkl._gaussian``.
+`distkl._gaussian`.
 """
 
 from __future__ import annotations
@@ -42,23 +43,24 @@ __all__ = ["kl_variational", "kl_unscented"]
 
 
 def kl_variational(p: Distribution, q: Distribution) -> Tensor:
-    r"""``KL(p || q)`` in nats, Hershey & Olsen's variational approximation (deterministic, biased).
+    r"""`KL(p || q)` in nats, Hershey & Olsen's variational approximation (deterministic, biased).
 
-    .. math::
-        D_{\mathrm{var}}(p \| q) = \sum_a w_a \log
-        \frac{\sum_{a'} w_{a'}\, e^{-\mathrm{KL}(p_a \| p_{a'})}}
-             {\sum_b v_b\, e^{-\mathrm{KL}(p_a \| q_b)}}
+    $$
+    D_{\mathrm{var}}(p \| q) = \sum_a w_a \log
+    \frac{\sum_{a'} w_{a'}\, e^{-\mathrm{KL}(p_a \| p_{a'})}}
+         {\sum_b v_b\, e^{-\mathrm{KL}(p_a \| q_b)}}
+    $$
 
-    Exact when both ``p`` and ``q`` are single Gaussians. Not a bound: it can lie on either side
+    Exact when both `p` and `q` are single Gaussians. Not a bound: it can lie on either side
     of the true divergence (and can be negative for nearly identical mixtures).
 
     Args:
         p: the first distribution.
         q: the second distribution, with the same event shape. Both are Normal-family
-            distributions or ``MixtureSameFamily`` of them.
+            distributions or `MixtureSameFamily` of them.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Source: Hershey & Olsen (2007), "Approximating the Kullback Leibler divergence between
     Gaussian mixture models", ICASSP, eq. (18).
@@ -74,9 +76,9 @@ def kl_variational(p: Distribution, q: Distribution) -> Tensor:
 def sigma_points(m: GaussianMixture, kappa: float) -> tuple[Tensor, Tensor]:
     r"""Unscented sigma points of every component and their weights.
 
-    Points :math:`\mu_a` and :math:`\mu_a \pm \sqrt{D + \kappa}\, L_a e_i`, ``i = 1..D``: shape
-    ``(*batch, K, 2D + 1, D)``; weights :math:`\kappa / (D + \kappa)` (centre) and
-    :math:`1 / (2(D + \kappa))`: shape ``(2D + 1,)``. Exact for quadratic integrands.
+    Points $\mu_a$ and $\mu_a \pm \sqrt{D + \kappa}\, L_a e_i$, `i = 1..D`: shape
+    `(*batch, K, 2D + 1, D)`; weights $\kappa / (D + \kappa)$ (centre) and
+    $1 / (2(D + \kappa))$: shape `(2D + 1,)`. Exact for quadratic integrands.
     """
     d = m.dim
     scale = math.sqrt(d + kappa)
@@ -100,28 +102,29 @@ def _default_kappa(d: int) -> float:
 
 
 def kl_unscented(p: Distribution, q: Distribution) -> Tensor:
-    r"""``KL(p || q)`` in nats by the unscented transform (deterministic, biased).
+    r"""`KL(p || q)` in nats by the unscented transform (deterministic, biased).
 
-    .. math::
-        \mathrm{KL}(p \| q) \approx \sum_a w_a \sum_{i=0}^{2D} \lambda_i
-        \bigl(\log p(x_{a,i}) - \log q(x_{a,i})\bigr),
+    $$
+    \mathrm{KL}(p \| q) \approx \sum_a w_a \sum_{i=0}^{2D} \lambda_i
+    \bigl(\log p(x_{a,i}) - \log q(x_{a,i})\bigr),
+    $$
 
-    with sigma points :math:`x_{a,0} = \mu_a`, :math:`x_{a,\pm i} = \mu_a \pm \sqrt{D+\kappa}\,
-    L_a e_i` (:math:`\Sigma_a = L_a L_a^\top`) and weights :math:`\lambda_0 = \kappa/(D+\kappa)`,
-    :math:`\lambda_{\pm i} = 1/(2(D+\kappa))`, :math:`\kappa = 1`. The rule
-    integrates quadratics exactly, so the result is exact when ``p`` and ``q`` are single
+    with sigma points $x_{a,0} = \mu_a$, $x_{a,\pm i} = \mu_a \pm \sqrt{D+\kappa}\,
+    L_a e_i$ ($\Sigma_a = L_a L_a^\top$) and weights $\lambda_0 = \kappa/(D+\kappa)$,
+    $\lambda_{\pm i} = 1/(2(D+\kappa))$, $\kappa = 1$. The rule
+    integrates quadratics exactly, so the result is exact when `p` and `q` are single
     Gaussians.
 
     Args:
         p: the first distribution.
         q: the second distribution, with the same event shape. Both are Normal-family
-            distributions or ``MixtureSameFamily`` of them.
+            distributions or `MixtureSameFamily` of them.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Source: Hershey & Olsen (2007), ICASSP, sec. 4 (unscented transformation, after Goldberger,
-    Gordon & Greenspan, ICCV 2003); sigma points and :math:`\kappa` of Julier & Uhlmann (1997),
+    Gordon & Greenspan, ICCV 2003); sigma points and $\kappa$ of Julier & Uhlmann (1997),
     "A new extension of the Kalman filter to nonlinear systems", eq. (12).
     """
     mp, mq = broadcast_mixtures(p, q)

@@ -1,6 +1,6 @@
-"""The ``distkl`` command: ``distkl list``, ``distkl verify``, ``distkl derive P Q``.
+"""The `distkl` command: `distkl list`, `distkl verify`, `distkl derive P Q`.
 
-Also ``python -m distkl ...``. Exit status: 0 success, 1 a check failed (or a derivation
+Also `python -m distkl ...`. Exit status: 0 success, 1 a check failed (or a derivation
 failed), 2 a usage error.
 """
 
@@ -42,7 +42,7 @@ def _method_in_force() -> str:
 
 
 def rule_table() -> list[dict[str, Any]]:
-    """Every registered KL and JSD rule as a dict (what ``distkl list --json`` prints)."""
+    """Every registered KL and JSD rule as a dict (what `distkl list --json` prints)."""
     method = _method_in_force()
     rows = []
     for label, rules in (("KL", kl_rules()), ("JSD", jsd_rules())):
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``distkl`` command line; returns the exit status."""
+    """Run the `distkl` command line; returns the exit status."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

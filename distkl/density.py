@@ -1,23 +1,23 @@
-r"""Fast log-density of Gaussian mixtures: :func:`mixture_log_prob`.
+r"""Fast log-density of Gaussian mixtures: [`mixture_log_prob`][distkl.mixture_log_prob].
 
-torch's :meth:`MixtureSameFamily.log_prob` scores every sample against every component
-elementwise, through a ``(samples, *batch, K, D)`` intermediate. For Gaussian components the
+torch's `MixtureSameFamily.log_prob` scores every sample against every component
+elementwise, through a `(samples, *batch, K, D)` intermediate. For Gaussian components the
 quadratic form is a matrix product instead:
 
-* diagonal components (``Normal``, ``Independent(Normal, 1)``):
-  :math:`\sum_d (y_d - m_{kd})^2 / s_{kd}^2
-  = y^2 \cdot a_k - 2\, y \cdot (a_k m_k) + m_k \cdot (a_k m_k)`
-  with :math:`a_k = 1 / s_k^2`: one GEMM of the ``(samples, 2D)`` features ``[y^2, y]`` against a
-  ``(2D, K)`` matrix, no ``K x D`` intermediate at all;
-* full components (``MultivariateNormal``, ``LowRankMultivariateNormal``):
-  :math:`\|L_k^{-1}(y - m_k)\|^2` with the ``K`` inverse Cholesky factors stacked into one
-  ``(K D, D)`` matrix: one GEMM per chunk of samples, chunked so the ``(chunk, K, D)`` product stays
-  under a fixed memory budget. (The expanded form :math:`y^\top P_k y - 2 m_k^\top P_k y + \dots`
-  needs :math:`D(D+3)/2` features per sample, more than ``K D`` unless ``K > (D + 3) / 2``, and
+* diagonal components (`Normal`, `Independent(Normal, 1)`):
+  $\sum_d (y_d - m_{kd})^2 / s_{kd}^2
+  = y^2 \cdot a_k - 2\, y \cdot (a_k m_k) + m_k \cdot (a_k m_k)$
+  with $a_k = 1 / s_k^2$: one GEMM of the `(samples, 2D)` features `[y^2, y]` against a
+  `(2D, K)` matrix, no `K x D` intermediate at all;
+* full components (`MultivariateNormal`, `LowRankMultivariateNormal`):
+  $\|L_k^{-1}(y - m_k)\|^2$ with the `K` inverse Cholesky factors stacked into one
+  `(K D, D)` matrix: one GEMM per chunk of samples, chunked so the `(chunk, K, D)` product stays
+  under a fixed memory budget. (The expanded form $y^\top P_k y - 2 m_k^\top P_k y + \dots$
+  needs $D(D+3)/2$ features per sample, more than `K D` unless `K > (D + 3) / 2`, and
   squares the cancellation error; whitening is both smaller and more accurate.)
 
-Here :math:`y = x - c` and :math:`m_k = \mu_k - c` are centred on the mixture mean :math:`c`,
-which keeps the cancellation in the expanded diagonal form small when :math:`|x|` is large
+Here $y = x - c$ and $m_k = \mu_k - c$ are centred on the mixture mean $c$,
+which keeps the cancellation in the expanded diagonal form small when $|x|$ is large
 against the scales.
 """
 
@@ -43,18 +43,18 @@ _REFINE_TOL = 4e-6
 
 
 class GaussianScorer:
-    """Precomputed log-densities of a :class:`GaussianMixture`'s components and of the mixture.
+    """Precomputed log-densities of a `GaussianMixture`'s components and of the mixture.
 
-    Build once with :func:`gaussian_scorer`, call many times (the Monte Carlo engine scores every
-    chunk with one scorer). The subclasses are the three strategies: :class:`ScalarScorer`
-    (1-D events, elementwise), :class:`DiagonalScorer` (one GEMM of ``[y^2, y]``, float32 rows
-    refined in float64) and :class:`WhitenedScorer` (full covariances, stacked inverse Cholesky
+    Build once with `gaussian_scorer`, call many times (the Monte Carlo engine scores every
+    chunk with one scorer). The subclasses are the three strategies: `ScalarScorer`
+    (1-D events, elementwise), `DiagonalScorer` (one GEMM of `[y^2, y]`, float32 rows
+    refined in float64) and `WhitenedScorer` (full covariances, stacked inverse Cholesky
     factors). This base class holds what they share: the shapes, the centre and the chunked loop.
 
-    With ``precise=False`` (what :func:`mixture_log_prob` uses) values come back in the input
-    dtype. With ``precise=True`` (the Monte Carlo engine) diagonal components are evaluated in
-    float64 and every value comes back in float64, so differences of log-densities keep their
-    digits.
+    With `precise=False` (what [`mixture_log_prob`][distkl.mixture_log_prob] uses) values come back
+    in the input dtype. With `precise=True` (the Monte Carlo engine) diagonal components are
+    evaluated in float64 and every value comes back in float64, so differences of log-densities keep
+    their digits.
     """
 
     #: Width of one row of the largest intermediate, per component group (for chunking).
@@ -75,10 +75,10 @@ class GaussianScorer:
 
     # ----------------------------------------------------------------------------------
     def component_log_prob(self, x: Tensor) -> Tensor:
-        """``log N(x; mu_k, Sigma_k)`` of shape ``(*sample, *batch, K)`` (weights not included).
+        """`log N(x; mu_k, Sigma_k)` of shape `(*sample, *batch, K)` (weights not included).
 
-        ``x`` has shape ``(*sample, *batch_x, *event)`` where ``batch_x`` broadcasts against the
-        mixture's batch shape, as for :meth:`Distribution.log_prob`.
+        `x` has shape `(*sample, *batch_x, *event)` where `batch_x` broadcasts against the
+        mixture's batch shape, as for `Distribution.log_prob`.
         """
         if self.scalar_event:
             x = x.unsqueeze(-1)
@@ -102,25 +102,25 @@ class GaussianScorer:
         return out.transpose(0, 1).reshape(*s_shape, *bt, k).to(self.out_dtype)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Mixture log-density, shape ``(*sample, *batch)``."""
+        """Mixture log-density, shape `(*sample, *batch)`."""
         comp = self.component_log_prob(x) + self.log_weights.to(self.out_dtype)
         return logsumexp_last(comp)
 
     # ----------------------------------------------------------------------------------
     def params(self, bt: Optional[torch.Size]) -> tuple[Tensor, ...]:
-        """The parameters as groups: one group (``bt`` None) or broadcast to the batch ``bt``."""
+        """The parameters as groups: one group (`bt` None) or broadcast to the batch `bt`."""
         raise NotImplementedError
 
     def score_chunk(
         self, chunk: Tensor, params: tuple[Tensor, ...], bt: Optional[torch.Size]
     ) -> Tensor:
-        """Rows ``chunk`` (G, c, D) against the groups' parameters -> (G, c, K)."""
+        """Rows `chunk` (G, c, D) against the groups' parameters -> (G, c, K)."""
         raise NotImplementedError
 
     def _score_rows(
         self, rows: Tensor, params: tuple[Tensor, ...], bt: Optional[torch.Size]
     ) -> Tensor:
-        """``rows`` (G, n, D) -> (G, n, K), in chunks of n under the intermediate budget."""
+        """`rows` (G, n, D) -> (G, n, K), in chunks of n under the intermediate budget."""
         g, n, _ = rows.shape
         if n == 0:  # no samples: an empty result, as torch's log_prob gives
             return rows.new_zeros((g, 0, self.num_components))
@@ -136,14 +136,14 @@ def _center(gm: GaussianMixture) -> Tensor:
 
 
 def _groups(t: Tensor, bt: Optional[torch.Size], tail: tuple[int, ...]) -> Tensor:
-    """``t`` (*b, *tail) as groups: ``(1, *tail)`` for one mixture, else ``(prod(bt), *tail)``."""
+    """`t` (*b, *tail) as groups: `(1, *tail)` for one mixture, else `(prod(bt), *tail)`."""
     if bt is None:
         return t.reshape(1, *tail)
     return t.expand(*bt, *tail).reshape(-1, *tail)
 
 
 class ScalarScorer(GaussianScorer):
-    """1-D events: ``(n, K)`` elementwise is as cheap as a GEMM and has no cancellation."""
+    """1-D events: `(n, K)` elementwise is as cheap as a GEMM and has no cancellation."""
 
     def __init__(self, gm: GaussianMixture, *, precise: bool = False) -> None:
         super().__init__(gm, precise=precise)
@@ -171,13 +171,13 @@ class ScalarScorer(GaussianScorer):
 
 
 class DiagonalScorer(GaussianScorer):
-    r"""Diagonal components by one GEMM of the features ``[y^2, y]`` against a ``(2D, K)`` matrix.
+    r"""Diagonal components by one GEMM of the features `[y^2, y]` against a `(2D, K)` matrix.
 
-    :math:`\sum_d (y_d - m_{kd})^2 / s_{kd}^2 = y^2 \cdot a_k - 2\, y \cdot (a_k m_k)
-    + m_k \cdot (a_k m_k)`, :math:`a_k = 1/s_k^2`. The parameters are built in float64; with
-    ``precise=False`` a float32 input is scored with float32 copies and the rows whose estimated
-    cancellation error (about :math:`\epsilon |y|^2 / s^2`) exceeds ``4e-6`` of the result are
-    recomputed in float64 (:meth:`_refine`).
+    $\sum_d (y_d - m_{kd})^2 / s_{kd}^2 = y^2 \cdot a_k - 2\, y \cdot (a_k m_k)
+    + m_k \cdot (a_k m_k)$, $a_k = 1/s_k^2$. The parameters are built in float64; with
+    `precise=False` a float32 input is scored with float32 copies and the rows whose estimated
+    cancellation error (about $\epsilon |y|^2 / s^2$) exceeds `4e-6` of the result are
+    recomputed in float64 (`_refine`).
     """
 
     def __init__(self, gm: GaussianMixture, *, precise: bool = False) -> None:
@@ -220,10 +220,10 @@ class DiagonalScorer(GaussianScorer):
         return self._refine(out, quad, chunk, bt) if self.refine else out
 
     def _refine(self, out: Tensor, quad: Tensor, y: Tensor, bt: Optional[torch.Size]) -> Tensor:
-        """Recompute in float64 the rows of ``out`` (G, c, K) that float32 may get wrong.
+        """Recompute in float64 the rows of `out` (G, c, K) that float32 may get wrong.
 
-        ``quad`` is the ``-0.5 y^2 . a_k`` term; the size of the expanded terms is
-        ``y^2 . a_k + 2 |y| . |a_k m_k| + m_k . a_k m_k``.
+        `quad` is the `-0.5 y^2 . a_k` term; the size of the expanded terms is
+        `y^2 . a_k + 2 |y| . |a_k m_k| + m_k . a_k m_k`.
         """
         k, d = self.num_components, self.dim
         best = out.detach().argmax(-1, keepdim=True)  # (G, c, 1)
@@ -251,8 +251,8 @@ class DiagonalScorer(GaussianScorer):
 
 
 class WhitenedScorer(GaussianScorer):
-    r"""Full covariances: :math:`\|L_k^{-1}(y - m_k)\|^2` by one GEMM against the stacked
-    inverse Cholesky factors, a ``(D, K D)`` matrix."""
+    r"""Full covariances: $\|L_k^{-1}(y - m_k)\|^2$ by one GEMM against the stacked
+    inverse Cholesky factors, a `(D, K D)` matrix."""
 
     def __init__(self, gm: GaussianMixture, *, precise: bool = False) -> None:
         super().__init__(gm, precise=precise)
@@ -283,7 +283,7 @@ class WhitenedScorer(GaussianScorer):
 
 
 def gaussian_scorer(gm: GaussianMixture, *, precise: bool = False) -> GaussianScorer:
-    """The scorer for ``gm``'s strategy: scalar, diagonal (GEMM) or whitened full covariance."""
+    """The scorer for `gm`'s strategy: scalar, diagonal (GEMM) or whitened full covariance."""
     if gm.scale_diag is None:
         return WhitenedScorer(gm, precise=precise)
     if gm.dim == 1:
@@ -292,7 +292,7 @@ def gaussian_scorer(gm: GaussianMixture, *, precise: bool = False) -> GaussianSc
 
 
 def logsumexp_last(x: Tensor) -> Tensor:
-    """``logsumexp`` over the last dimension (faster than torch's for a short last dimension)."""
+    """`logsumexp` over the last dimension (faster than torch's for a short last dimension)."""
     if x.shape[-1] == 1:
         return x.squeeze(-1)
     m = x.detach().amax(-1, keepdim=True)
@@ -304,36 +304,37 @@ def logsumexp_last(x: Tensor) -> Tensor:
 
 
 def mixture_log_prob(mixture: Distribution, x: Tensor) -> Tensor:
-    r"""Log-density of a Gaussian mixture (or one Gaussian) at ``x``, in nats, by matrix products.
+    r"""Log-density of a Gaussian mixture (or one Gaussian) at `x`, in nats, by matrix products.
 
-    .. math::
-        \log p(x) = \operatorname{logsumexp}_k \Big[\log w_k - \tfrac12 \|L_k^{-1}(x - \mu_k)\|^2
-            - \log\lvert L_k\rvert - \tfrac{D}{2}\log 2\pi\Big]
+    $$
+    \log p(x) = \operatorname{logsumexp}_k \Big[\log w_k - \tfrac12 \|L_k^{-1}(x - \mu_k)\|^2
+        - \log\lvert L_k\rvert - \tfrac{D}{2}\log 2\pi\Big]
+    $$
 
-    The same values as ``mixture.log_prob(x)`` (to float rounding), without torch's
-    ``(samples, *batch, K, D)`` intermediate: diagonal components are scored by one GEMM of the
-    features ``[y^2, y]`` (``y = x - c``, centred on the mixture mean ``c``) against a
-    ``(2D, K)`` matrix, full-covariance components by one GEMM against the stacked inverse
+    The same values as `mixture.log_prob(x)` (to float rounding), without torch's
+    `(samples, *batch, K, D)` intermediate: diagonal components are scored by one GEMM of the
+    features `[y^2, y]` (`y = x - c`, centred on the mixture mean `c`) against a
+    `(2D, K)` matrix, full-covariance components by one GEMM against the stacked inverse
     Cholesky factors, in chunks of samples. See the module docstring.
 
-    Accepts ``MixtureSameFamily`` of ``Normal``, ``Independent(Normal, 1)``,
-    ``MultivariateNormal`` or ``LowRankMultivariateNormal`` components, and those distributions
-    alone (one component). Any other distribution falls back to its own ``log_prob``.
-    Differentiable in ``x`` and in the parameters.
+    Accepts `MixtureSameFamily` of `Normal`, `Independent(Normal, 1)`,
+    `MultivariateNormal` or `LowRankMultivariateNormal` components, and those distributions
+    alone (one component). Any other distribution falls back to its own `log_prob`.
+    Differentiable in `x` and in the parameters.
 
     Source: the expansion of the Gaussian quadratic form; Cholesky whitening as in
     torch.distributions.multivariate_normal._batch_mahalanobis.
 
     Args:
         mixture: the distribution to score.
-        x: values of shape ``(*sample, *batch_x, *event_shape)``; ``batch_x`` broadcasts against
-            ``mixture.batch_shape`` as in :meth:`~torch.distributions.Distribution.log_prob`.
+        x: values of shape `(*sample, *batch_x, *event_shape)`; `batch_x` broadcasts against
+            `mixture.batch_shape` as in `log_prob`.
 
     Returns:
-        Tensor of shape ``(*sample, *broadcast_shapes(batch_x, mixture.batch_shape))``.
+        Tensor of shape `(*sample, *broadcast_shapes(batch_x, mixture.batch_shape))`.
 
     Raises:
-        ValueError: when ``x`` does not end with the event shape.
+        ValueError: when `x` does not end with the event shape.
     """
     if not is_gaussian_family(mixture):
         return mixture.log_prob(x)

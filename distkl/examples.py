@@ -1,8 +1,9 @@
-"""The table of example ``(p, q)`` pairs that ``distkl verify`` checks and every test draws from.
+"""The table of example `(p, q)` pairs that `distkl verify` checks and every test draws from.
 
-Each :class:`Example` builds its pair on a requested device and dtype from a fixed seed, so a row
-is the same numbers everywhere. Batch shapes are chosen to exercise broadcasting
-(``p.batch_shape`` and ``q.batch_shape`` differ but broadcast). Adding a rule means adding rows.
+Each [`Example`][distkl.examples.Example] builds its pair on a requested device and dtype from a
+fixed seed, so a row is the same numbers everywhere. Batch shapes are chosen to exercise
+broadcasting (`p.batch_shape` and `q.batch_shape` differ but broadcast). Adding a rule means adding
+rows.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ Maker = Callable[[torch.device, torch.dtype], tuple[Distribution, Distribution]]
 
 @dataclass(frozen=True)
 class Example:
-    """One row: ``id`` names the pair as ``"P-Q"``; ``make(device, dtype)`` returns ``(p, q)``."""
+    """One row: `id` names the pair as `"P-Q"`; `make(device, dtype)` returns `(p, q)`."""
 
     id: str
     make: Maker
@@ -67,7 +68,7 @@ class _Params:
 
 
 def random_spd(*batch: int, d: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A well-conditioned random SPD matrix of shape ``batch + (d, d)`` in float64."""
+    """A well-conditioned random SPD matrix of shape `batch + (d, d)` in float64."""
     a = torch.randn(*batch, d, d, generator=generator, dtype=torch.float64) / d**0.5
     return a @ a.transpose(-1, -2) + 0.5 * torch.eye(d, dtype=torch.float64)
 
@@ -98,7 +99,7 @@ EXAMPLES: list[Example] = []
 
 
 def example(id: str, family: str) -> Callable[[Maker], Maker]:
-    """Decorator adding a row to :data:`EXAMPLES`."""
+    """Decorator adding a row to [`EXAMPLES`][distkl.examples.EXAMPLES]."""
 
     def deco(make: Maker) -> Maker:
         EXAMPLES.append(Example(id, make, family))
@@ -322,5 +323,5 @@ def _(device, dtype):
 
 
 def by_family(family: str) -> list[Example]:
-    """The rows whose rule lives in ``family``'s module."""
+    """The rows whose rule lives in `family`'s module."""
     return [e for e in EXAMPLES if e.family == family]

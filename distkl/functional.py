@@ -1,30 +1,33 @@
 r"""Kullback-Leibler and Jensen-Shannon divergences of categorical distributions held as tensors.
 
-For people who hold logits or probabilities rather than :class:`~torch.distributions.Distribution`
+For people who hold logits or probabilities rather than `Distribution`
 objects. Every argument is keyword-only and named after the distribution it belongs to, so the
-direction cannot be swapped by accident::
+direction cannot be swapped by accident:
 
-    kl_divergence(p_logits=student, q_logits=teacher)   # KL(p || q), p = softmax(student)
+```python
+kl_divergence(p_logits=student, q_logits=teacher)   # KL(p || q), p = softmax(student)
+```
 
-This differs from :func:`torch.nn.functional.kl_div`, which takes ``input = log q`` first and
-``target = p`` second, computes ``KL(p || q)`` elementwise, and whose ``reduction="mean"`` divides
+This differs from `torch.nn.functional.kl_div`, which takes `input = log q` first and
+`target = p` second, computes `KL(p || q)` elementwise, and whose `reduction="mean"` divides
 by every element (batch size times number of categories) rather than by the number of
-distributions. Here ``reduction`` names what it does to the per-distribution divergences:
+distributions. Here `reduction` names what it does to the per-distribution divergences:
 
-- ``"none"``: one value per distribution, the input shape without ``dim``;
-- ``"sum"``: the sum over distributions;
-- ``"mean"``: the mean over distributions (not over elements);
-- ``"batchmean"``: the sum divided by the size of the first batch dimension (1 if there is
-  none); for ``(N, K)`` inputs with ``dim=-1`` this equals
-  ``F.kl_div(log_q, p, reduction="batchmean")``.
+- `"none"`: one value per distribution, the input shape without `dim`;
+- `"sum"`: the sum over distributions;
+- `"mean"`: the mean over distributions (not over elements);
+- `"batchmean"`: the sum divided by the size of the first batch dimension (1 if there is
+  none); for `(N, K)` inputs with `dim=-1` this equals
+  `F.kl_div(log_q, p, reduction="batchmean")`.
 
-The building blocks :func:`kl_from_log_probs` and :func:`js_from_log_probs` (re-exported from the
-kernel `distkl._logspace`, which the rules use too) take normalised log-probabilities: zero
-probabilities give exact values (``0 log 0 = 0``), ``KL = +inf`` (never NaN) where ``q = 0 < p``,
-NaN in gives NaN out, and gradients are finite wherever the value is.
+The building blocks [`kl_from_log_probs`][distkl.functional.kl_from_log_probs] and
+[`js_from_log_probs`][distkl.functional.js_from_log_probs] (re-exported from the kernel
+`distkl._logspace`, which the rules use too) take normalised log-probabilities: zero probabilities
+give exact values (`0 log 0 = 0`), `KL = +inf` (never NaN) where `q = 0 < p`, NaN in gives NaN out,
+and gradients are finite wherever the value is.
 
-Value checks (NaN, infinities, negative weights) follow torch's ``validate_args``: on by default,
-off with ``validate_args=False`` or ``Distribution.set_default_validate_args(False)``, which saves
+Value checks (NaN, infinities, negative weights) follow torch's `validate_args`: on by default,
+off with `validate_args=False` or `Distribution.set_default_validate_args(False)`, which saves
 their host-device synchronisations. Shape checks are always on.
 """
 
@@ -49,7 +52,7 @@ __all__ = [
     "log_probs",
 ]
 
-#: Valid values of ``reduction``.
+#: Valid values of `reduction`.
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 
@@ -58,7 +61,7 @@ REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 
 def _validate(validate_args: Optional[bool]) -> bool:
-    """``validate_args``, or torch's default (``set_default_validate_args``) when None."""
+    """`validate_args`, or torch's default (`set_default_validate_args`) when None."""
     return default_validate_args() if validate_args is None else bool(validate_args)
 
 
@@ -70,20 +73,20 @@ def log_probs(
     name: str = "p",
     validate_args: Optional[bool] = None,
 ) -> Tensor:
-    r"""Normalised log-probabilities along ``dim`` from exactly one of ``logits`` or ``probs``.
+    r"""Normalised log-probabilities along `dim` from exactly one of `logits` or `probs`.
 
-    ``logits`` are unnormalised log-probabilities (``-inf`` allowed for impossible categories);
-    ``probs`` are non-negative weights, divided by their sum along ``dim`` (zeros give ``-inf``
-    exactly, unlike `torch.distributions.Categorical`, which clamps them to ``eps``).
+    `logits` are unnormalised log-probabilities (`-inf` allowed for impossible categories);
+    `probs` are non-negative weights, divided by their sum along `dim` (zeros give `-inf`
+    exactly, unlike `torch.distributions.Categorical`, which clamps them to `eps`).
 
     Args:
         logits: unnormalised log-probabilities.
         probs: non-negative weights.
         dim: the category dimension.
-        name: the distribution's name in error messages (``p`` gives ``p_logits``/``p_probs``).
+        name: the distribution's name in error messages (`p` gives `p_logits`/`p_probs`).
         validate_args: check the values (NaN, infinities, negative weights, rows without
             mass), which costs host-device synchronisations; default: torch's
-            `Distribution` default (``torch.distributions.Distribution.set_default_validate_args``).
+            `Distribution` default (`torch.distributions.Distribution.set_default_validate_args`).
             Without the checks, invalid values give NaN. Shapes are always checked.
 
     Returns:
@@ -91,10 +94,10 @@ def log_probs(
 
     Raises:
         ValueError: if both or neither are given, if the category dimension is empty, or (with
-            validation) if ``probs`` has negative, NaN or infinite entries or a row summing to
-            zero, or ``logits`` has NaN or ``+inf`` entries or a row of all ``-inf``. The
-            message names ``name``.
-        IndexError: ``dim`` is out of range.
+            validation) if `probs` has negative, NaN or infinite entries or a row summing to
+            zero, or `logits` has NaN or `+inf` entries or a row of all `-inf`. The
+            message names `name`.
+        IndexError: `dim` is out of range.
         TypeError: the input is not a real tensor.
     """
     if (logits is None) == (probs is None):
@@ -158,18 +161,18 @@ def _check_dim(x: Tensor, dim: int, what: str) -> None:
 
 
 def apply_reduction(values: Tensor, reduction: str) -> Tensor:
-    """Reduce per-distribution divergences as ``reduction`` says (see `distkl.functional`).
+    """Reduce per-distribution divergences as `reduction` says (see `distkl.functional`).
 
     Args:
         values: one divergence per distribution.
-        reduction: ``"none"``, ``"sum"``, ``"mean"`` (over distributions) or ``"batchmean"``
+        reduction: `"none"`, `"sum"`, `"mean"` (over distributions) or `"batchmean"`
             (the sum divided by the size of the first dimension, 1 for a scalar).
 
     Returns:
-        ``values`` for ``"none"``, else a scalar Tensor.
+        `values` for `"none"`, else a scalar Tensor.
 
     Raises:
-        ValueError: an unknown ``reduction``.
+        ValueError: an unknown `reduction`.
     """
     check_choice("reduction", reduction, REDUCTIONS)
     if reduction == "none":
@@ -190,7 +193,7 @@ def _log_prob_pair(
     dim: int,
     validate_args: Optional[bool],
 ) -> tuple[Tensor, Tensor, int]:
-    """Normalised ``(log_p, log_q, dim)``, ``dim`` counted from the end, shapes checked."""
+    """Normalised `(log_p, log_q, dim)`, `dim` counted from the end, shapes checked."""
     raw = [t for t in (p_logits, p_probs, q_logits, q_probs) if isinstance(t, Tensor)]
     ndim = max((t.dim() for t in raw), default=0)
     if raw and not -ndim <= dim < ndim:
@@ -227,43 +230,44 @@ def kl_divergence(
 ) -> Tensor:
     r"""KL(p || q) in nats of categorical distributions given by logits or probabilities.
 
-    .. math::
-        \mathrm{KL}(p \| q) = \sum_k p_k \log \frac{p_k}{q_k}
+    $$
+    \mathrm{KL}(p \| q) = \sum_k p_k \log \frac{p_k}{q_k}
+    $$
 
-    Give one of ``p_logits`` / ``p_probs`` and one of ``q_logits`` / ``q_probs``; they are
-    normalised along ``dim`` (softmax for logits, division by the sum for probabilities) and
-    broadcast against each other. Zero probabilities are exact: ``0 log 0 = 0``, and ``+inf``
-    where ``q_k = 0 < p_k``. Same numbers as ``torch.distributions.kl_divergence`` on
-    ``Categorical`` objects, without its ``eps`` clamping of probabilities and its NaN gradients.
+    Give one of `p_logits` / `p_probs` and one of `q_logits` / `q_probs`; they are
+    normalised along `dim` (softmax for logits, division by the sum for probabilities) and
+    broadcast against each other. Zero probabilities are exact: `0 log 0 = 0`, and `+inf`
+    where `q_k = 0 < p_k`. Same numbers as `torch.distributions.kl_divergence` on
+    `Categorical` objects, without its `eps` clamping of probabilities and its NaN gradients.
 
-    Compared with :func:`torch.nn.functional.kl_div`: ``F.kl_div(input, target)`` takes
-    ``input = log q`` and ``target = p`` (reversed order) and its ``"mean"`` divides by the
-    number of elements; here ``"mean"`` is the mean over distributions.
+    Compared with `torch.nn.functional.kl_div`: `F.kl_div(input, target)` takes
+    `input = log q` and `target = p` (reversed order) and its `"mean"` divides by the
+    number of elements; here `"mean"` is the mean over distributions.
 
     Source: Cover & Thomas (2006), *Elements of Information Theory*, 2nd ed., eq. (2.26).
 
     Args:
-        p_logits: unnormalised log-probabilities of ``p`` (``-inf`` for impossible categories).
-        p_probs: non-negative weights of ``p``, normalised along ``dim``. Give exactly one of
-            ``p_logits`` and ``p_probs``.
-        q_logits: unnormalised log-probabilities of ``q``.
-        q_probs: non-negative weights of ``q``. Give exactly one of ``q_logits`` and ``q_probs``.
+        p_logits: unnormalised log-probabilities of `p` (`-inf` for impossible categories).
+        p_probs: non-negative weights of `p`, normalised along `dim`. Give exactly one of
+            `p_logits` and `p_probs`.
+        q_logits: unnormalised log-probabilities of `q`.
+        q_probs: non-negative weights of `q`. Give exactly one of `q_logits` and `q_probs`.
         dim: the category dimension.
-        reduction: ``"none"`` (default), ``"sum"``, ``"mean"`` or ``"batchmean"``; see
-            :mod:`distkl.functional`.
+        reduction: `"none"` (default), `"sum"`, `"mean"` or `"batchmean"`; see
+            `distkl.functional`.
         validate_args: check the input values (NaN, infinities, negative weights, rows without
             mass; each check is a host-device synchronisation). Default: torch's
-            ``Distribution`` default, as for ``Categorical(..., validate_args=None)``. Without
+            `Distribution` default, as for `Categorical(..., validate_args=None)`. Without
             the checks, invalid values give NaN. Shapes are always checked.
 
     Returns:
-        With ``reduction="none"``, a Tensor of the broadcast input shape without ``dim``;
+        With `reduction="none"`, a Tensor of the broadcast input shape without `dim`;
         otherwise a scalar Tensor.
 
     Raises:
         ValueError: invalid probabilities or logits (with validation), different numbers of
-            categories, shapes that do not broadcast, or an unknown ``reduction``.
-        IndexError: ``dim`` is outside ``[-ndim, ndim)``.
+            categories, shapes that do not broadcast, or an unknown `reduction`.
+        IndexError: `dim` is outside `[-ndim, ndim)`.
     """
     check_choice("reduction", reduction, REDUCTIONS)
     log_p, log_q, dim = _log_prob_pair(p_logits, p_probs, q_logits, q_probs, dim, validate_args)
@@ -283,30 +287,32 @@ def js_divergence(
 ) -> Tensor:
     r"""JS_alpha(p, q) in nats of categorical distributions given by logits or probabilities.
 
-    .. math::
-        \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m),
-        \qquad m = \alpha p + (1-\alpha) q
+    $$
+    \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m),
+    \qquad m = \alpha p + (1-\alpha) q
+    $$
 
-    ``skew=0.5`` is the usual symmetric JSD, bounded by :math:`\log 2` (exactly that for
-    disjoint supports); in general :math:`0 \le \mathrm{JS}_\alpha \le H(\alpha)`. Equals
-    ``scipy.spatial.distance.jensenshannon(p, q) ** 2`` at ``skew=0.5``.
+    `skew=0.5` is the usual symmetric JSD, bounded by $\log 2$ (exactly that for
+    disjoint supports); in general $0 \le \mathrm{JS}_\alpha \le H(\alpha)$. Equals
+    `scipy.spatial.distance.jensenshannon(p, q) ** 2` at `skew=0.5`.
 
     Source: Lin (1991), "Divergence measures based on the Shannon entropy", IEEE Trans. Inf.
     Theory 37(1).
 
     Args:
-        p_logits: unnormalised log-probabilities of ``p`` (``-inf`` for impossible categories).
-        p_probs: non-negative weights of ``p``, normalised along ``dim``. Give exactly one of
-            ``p_logits`` and ``p_probs``.
-        q_logits: unnormalised log-probabilities of ``q``.
-        q_probs: non-negative weights of ``q``. Give exactly one of ``q_logits`` and ``q_probs``.
-        skew: ``alpha`` in (0, 1), the weight of ``p`` in the mixture ``m``.
+        p_logits: unnormalised log-probabilities of `p` (`-inf` for impossible categories).
+        p_probs: non-negative weights of `p`, normalised along `dim`. Give exactly one of
+            `p_logits` and `p_probs`.
+        q_logits: unnormalised log-probabilities of `q`.
+        q_probs: non-negative weights of `q`. Give exactly one of `q_logits` and `q_probs`.
+        skew: `alpha` in (0, 1), the weight of `p` in the mixture `m`.
         dim: the category dimension.
-        reduction: ``"none"`` (default), ``"sum"``, ``"mean"`` or ``"batchmean"``.
-        validate_args: check the input values, as in :func:`kl_divergence`.
+        reduction: `"none"` (default), `"sum"`, `"mean"` or `"batchmean"`.
+        validate_args: check the input values, as in
+            [`kl_divergence`][distkl.functional.kl_divergence].
 
     Returns:
-        With ``reduction="none"``, a Tensor of the broadcast input shape without ``dim``;
+        With `reduction="none"`, a Tensor of the broadcast input shape without `dim`;
         otherwise a scalar Tensor.
     """
     check_skew(skew)

@@ -2,13 +2,13 @@ r"""Latent regularisation for variational autoencoders, on distribution objects.
 
 Two helpers that are easy to get subtly wrong by hand:
 
-* :func:`kl_free_bits`: the "free bits" KL of Kingma et al. (2016), clamped from below per latent
-  dimension *after* averaging over the minibatch (clamping each example separately is a different,
-  weaker objective; ``batch_dims=0`` gives it when wanted).
-* :func:`kl_annealing`: the weight of the KL term at a training step, a linear warm-up
-  (Bowman et al., 2016), optionally repeated in cycles (Fu et al., 2019).
+* [`kl_free_bits`][distkl.latent.kl_free_bits]: the "free bits" KL of Kingma et al. (2016), clamped
+  from below per latent dimension *after* averaging over the minibatch (clamping each example
+  separately is a different, weaker objective; `batch_dims=0` gives it when wanted).
+* [`kl_annealing`][distkl.latent.kl_annealing]: the weight of the KL term at a training step, a
+  linear warm-up (Bowman et al., 2016), optionally repeated in cycles (Fu et al., 2019).
 
-A ``beta``-VAE (Higgins et al., 2017) needs no helper: multiply the KL by ``beta``.
+A `beta`-VAE (Higgins et al., 2017) needs no helper: multiply the KL by `beta`.
 """
 
 from __future__ import annotations
@@ -48,21 +48,22 @@ def kl_free_bits(
     r"""KL(posterior || prior) in nats with "free bits": each dimension's minibatch-mean KL clamped.
 
     The arguments are keyword-only and named, so the direction cannot be swapped: this is
-    $\mathrm{KL}(q \| p)$ with $q$ = ``posterior`` and $p$ = ``prior``, the VAE's KL term.
-    With ``per_dimension=True`` (the default) ``q`` and ``p`` must both be factorised Gaussians,
-    ``Independent(Normal, r)`` with the same event shape; each of the event's elements ``j`` is one
+    $\mathrm{KL}(q \| p)$ with $q$ = `posterior` and $p$ = `prior`, the VAE's KL term.
+    With `per_dimension=True` (the default) `q` and `p` must both be factorised Gaussians,
+    `Independent(Normal, r)` with the same event shape; each of the event's elements `j` is one
     latent dimension:
 
-    .. math::
-        \tilde{\mathrm{KL}} = \sum_j \max\Bigl(\lambda,\;
-            \frac{1}{B} \sum_{b=1}^{B} \mathrm{KL}\bigl(q(z_j \mid x_b) \,\|\, p(z_j)\bigr)\Bigr)
+    $$
+    \tilde{\mathrm{KL}} = \sum_j \max\Bigl(\lambda,\;
+        \frac{1}{B} \sum_{b=1}^{B} \mathrm{KL}\bigl(q(z_j \mid x_b) \,\|\, p(z_j)\bigr)\Bigr)
+    $$
 
-    where the mean runs over the first ``batch_dims`` batch dimensions (the minibatch, size
-    :math:`B`). A dimension whose average KL is below :math:`\lambda` gets no gradient from the
-    KL term, so the encoder may use it "for free" up to :math:`\lambda` nats; this counters
-    posterior collapse. With ``per_dimension=False`` the whole latent is one group,
-    :math:`\max(\lambda, \frac1B \sum_b \mathrm{KL}(q(z \mid x_b) \| p(z)))`, and any pair that
-    :func:`torch.distributions.kl_divergence` handles is accepted (e.g. a mixture prior once
+    where the mean runs over the first `batch_dims` batch dimensions (the minibatch, size
+    $B$). A dimension whose average KL is below $\lambda$ gets no gradient from the
+    KL term, so the encoder may use it "for free" up to $\lambda$ nats; this counters
+    posterior collapse. With `per_dimension=False` the whole latent is one group,
+    $\max(\lambda, \frac1B \sum_b \mathrm{KL}(q(z \mid x_b) \| p(z)))$, and any pair that
+    `torch.distributions.kl_divergence` handles is accepted (e.g. a mixture prior once
     distkl's rules are registered; the KL is then computed by the method in force).
 
     The result is an objective, not a divergence: report the unclamped KL in the ELBO. It is to be
@@ -73,24 +74,24 @@ def kl_free_bits(
     bits" objective (latent dimensions divided into groups; here one group per dimension).
 
     Args:
-        posterior: the posterior :math:`q(z \mid x)`, batch shape ``(*minibatch, *rest)``.
-        prior: the prior :math:`p(z)`; its batch shape must broadcast with the posterior's.
-        free_bits: :math:`\lambda \ge 0`, in nats per dimension (per group when
-            ``per_dimension=False``).
+        posterior: the posterior $q(z \mid x)$, batch shape `(*minibatch, *rest)`.
+        prior: the prior $p(z)$; its batch shape must broadcast with the posterior's.
+        free_bits: $\lambda \ge 0$, in nats per dimension (per group when
+            `per_dimension=False`).
         batch_dims: how many leading batch dimensions to average over before clamping
-            (default 1: the minibatch). ``0`` clamps every example separately.
+            (default 1: the minibatch). `0` clamps every example separately.
         per_dimension: clamp each latent dimension (True) or the total KL (False).
 
     Returns:
-        Tensor of shape ``broadcast_shapes(q.batch_shape, p.batch_shape)[batch_dims:]``
+        Tensor of shape `broadcast_shapes(q.batch_shape, p.batch_shape)[batch_dims:]`
         (a scalar for a plain minibatch).
 
     Raises:
-        TypeError: ``free_bits`` is not a real number.
-        ValueError: for a negative or non-finite ``free_bits``, an invalid ``batch_dims``, or
+        TypeError: `free_bits` is not a real number.
+        ValueError: for a negative or non-finite `free_bits`, an invalid `batch_dims`, or
             event shapes that differ.
-        NotImplementedError: with ``per_dimension=True``, when ``q`` or ``p`` is not a factorised
-            Gaussian ``Independent(Normal, r)``.
+        NotImplementedError: with `per_dimension=True`, when `q` or `p` is not a factorised
+            Gaussian `Independent(Normal, r)`.
     """
     lam = check_finite("free_bits", free_bits, minimum=0.0)
     q, p = posterior, prior
@@ -121,36 +122,37 @@ def kl_annealing(
     end: float = 1.0,
     cycle: Optional[int] = None,
 ) -> float:
-    r"""The KL weight :math:`\beta_t` at training step ``step`` (0-based): a linear warm-up.
+    r"""The KL weight $\beta_t$ at training step `step` (0-based): a linear warm-up.
 
-    .. math::
-        \beta_t = \mathrm{start} + (\mathrm{end} - \mathrm{start})
-            \min\Bigl(1, \frac{\tau}{\mathrm{warmup}}\Bigr),
-        \qquad \tau = t \ \text{or}\ \tau = t \bmod \mathrm{cycle}
+    $$
+    \beta_t = \mathrm{start} + (\mathrm{end} - \mathrm{start})
+        \min\Bigl(1, \frac{\tau}{\mathrm{warmup}}\Bigr),
+    \qquad \tau = t \ \text{or}\ \tau = t \bmod \mathrm{cycle}
+    $$
 
-    The weight rises from ``start`` to ``end`` over ``warmup`` steps and then stays at ``end``
-    (Bowman et al.). With ``cycle`` the schedule restarts every ``cycle`` steps: cyclical
-    annealing with ramp proportion ``R = warmup / cycle`` (Fu et al.). Use
-    ``loss = nll + kl_annealing(t, warmup=...) * kl``; ``end`` is the ``beta`` of a beta-VAE.
+    The weight rises from `start` to `end` over `warmup` steps and then stays at `end`
+    (Bowman et al.). With `cycle` the schedule restarts every `cycle` steps: cyclical
+    annealing with ramp proportion `R = warmup / cycle` (Fu et al.). Use
+    `loss = nll + kl_annealing(t, warmup=...) * kl`; `end` is the `beta` of a beta-VAE.
 
     Source: Bowman, Vilnis, Vinyals, Dai, Jozefowicz & Bengio (2016), "Generating Sentences from a
     Continuous Space", CoNLL, Sec. 3.1 (KL cost annealing); Fu, Li, Liu, Gao, Celikyilmaz & Carin
     (2019), "Cyclical Annealing Schedule: A Simple Approach to Mitigating KL Vanishing", NAACL,
-    Eq. (6) with a linear :math:`f`.
+    Eq. (6) with a linear $f$.
 
     Args:
-        step: the training step ``t >= 0``.
-        warmup: steps of the linear ramp, ``>= 0`` (0: constant ``end``).
+        step: the training step `t >= 0`.
+        warmup: steps of the linear ramp, `>= 0` (0: constant `end`).
         start: weight at the start of a ramp (default 0).
         end: weight after the ramp (default 1).
-        cycle: period of the cyclical schedule in steps, ``>= warmup``; None (default): one ramp.
+        cycle: period of the cyclical schedule in steps, `>= warmup`; None (default): one ramp.
 
     Returns:
         The weight, a Python float.
 
     Raises:
-        ValueError: for a negative ``step`` or ``warmup``, a non-finite ``start``/``end``, or a
-            ``cycle`` smaller than ``warmup`` or than 1.
+        ValueError: for a negative `step` or `warmup`, a non-finite `start`/`end`, or a
+            `cycle` smaller than `warmup` or than 1.
     """
     check_positive_int("step", step, minimum=0)
     check_positive_int("warmup", warmup, minimum=0)

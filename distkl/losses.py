@@ -1,27 +1,28 @@
-r"""``torch.nn.Module`` losses on distribution objects: :class:`JSDLoss` and :class:`KLLoss`.
+r"""`torch.nn.Module` losses on distribution objects: [`JSDLoss`][distkl.JSDLoss] and
+[`KLLoss`][distkl.KLLoss].
 
-Both are called as ``loss(p, q)`` with two :class:`~torch.distributions.Distribution` objects and
-compute one divergence per batch element (``broadcast_shapes(p.batch_shape, q.batch_shape)``),
-then reduce it. ``reduction`` means what it says:
+Both are called as `loss(p, q)` with two `Distribution` objects and
+compute one divergence per batch element (`broadcast_shapes(p.batch_shape, q.batch_shape)`),
+then reduce it. `reduction` means what it says:
 
 =============== ==================================================================
-``"none"``      the per-element divergences, shape ``broadcast_shapes(...)``
-``"sum"``       their sum
-``"mean"``      their mean over all batch elements
-``"batchmean"`` their sum divided by the size of the first batch dimension
+`"none"`      the per-element divergences, shape `broadcast_shapes(...)`
+`"sum"`       their sum
+`"mean"`      their mean over all batch elements
+`"batchmean"` their sum divided by the size of the first batch dimension
                 (1 for a scalar batch): the mean over dim 0 of per-row totals
 =============== ==================================================================
 
-The event dimensions are always summed inside the divergence, so ``"mean"`` never divides by the
-number of categories. That is the :func:`torch.nn.functional.kl_div` pitfall: on ``(B, K)``
-tensors its ``reduction="mean"`` divides the total by ``B * K`` (and warns), giving ``KL / K``;
-only its ``"batchmean"`` is the mean KL. Here, with batch shape ``(B,)``, ``"mean"`` and
-``"batchmean"`` agree; with ``(B, T)`` (e.g. a sequence), ``"mean"`` divides by ``B * T`` and
-``"batchmean"`` by ``B``.
+The event dimensions are always summed inside the divergence, so `"mean"` never divides by the
+number of categories. That is the `torch.nn.functional.kl_div` pitfall: on `(B, K)`
+tensors its `reduction="mean"` divides the total by `B * K` (and warns), giving `KL / K`;
+only its `"batchmean"` is the mean KL. Here, with batch shape `(B,)`, `"mean"` and
+`"batchmean"` agree; with `(B, T)` (e.g. a sequence), `"mean"` divides by `B * T` and
+`"batchmean"` by `B`.
 
-Argument order: ``KLLoss()(p, q)`` is ``KL(p || q)``, in torch.distributions' order, unlike
-``nn.KLDivLoss()(input, target)``, which takes ``input = log q`` first and computes
-``KL(target || input)``.
+Argument order: `KLLoss()(p, q)` is `KL(p || q)`, in torch.distributions' order, unlike
+`nn.KLDivLoss()(input, target)`, which takes `input = log q` first and computes
+`KL(target || input)`.
 """
 
 from __future__ import annotations
@@ -40,27 +41,28 @@ __all__ = ["JSDLoss", "KLLoss", "REDUCTIONS"]
 
 
 class JSDLoss(nn.Module):
-    r"""Jensen-Shannon loss JS_alpha(p, q) in nats (or in [0, 1] with ``normalized=True``).
+    r"""Jensen-Shannon loss JS_alpha(p, q) in nats (or in [0, 1] with `normalized=True`).
 
-    .. math::
-        \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m),
-        \quad m = \alpha p + (1-\alpha) q, \qquad 0 \le \mathrm{JS}_\alpha \le H(\alpha)
+    $$
+    \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m),
+    \quad m = \alpha p + (1-\alpha) q, \qquad 0 \le \mathrm{JS}_\alpha \le H(\alpha)
+    $$
 
-    Bounded by construction (``log 2`` at ``skew=0.5``), no squashing needed. Uses
-    :func:`distkl.js_divergence`: exact for categorical families, an estimate by the method in
-    force (:func:`distkl.options`) for Gaussian ones.
+    Bounded by construction (`log 2` at `skew=0.5`), no squashing needed. Uses
+    [`distkl.js_divergence`][distkl.js_divergence]: exact for categorical families, an estimate by
+    the method in force ([`distkl.options`][distkl.options]) for Gaussian ones.
 
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1).
 
     Args:
-        skew: ``alpha`` in (0, 1), the weight of ``p`` in ``m``.
-        reduction: ``"none"``, ``"sum"``, ``"mean"`` (default) or ``"batchmean"``; see
-            :mod:`distkl.losses`.
-        normalized: divide by :math:`H(\alpha)` (bits at ``skew=0.5``), giving values in [0, 1].
+        skew: `alpha` in (0, 1), the weight of `p` in `m`.
+        reduction: `"none"`, `"sum"`, `"mean"` (default) or `"batchmean"`; see
+            `distkl.losses`.
+        normalized: divide by $H(\alpha)$ (bits at `skew=0.5`), giving values in [0, 1].
 
     Shape:
-        ``forward(p, q)`` returns ``broadcast_shapes(p.batch_shape, q.batch_shape)`` for
-        ``"none"``, a scalar otherwise.
+        `forward(p, q)` returns `broadcast_shapes(p.batch_shape, q.batch_shape)` for
+        `"none"`, a scalar otherwise.
     """
 
     def __init__(
@@ -85,22 +87,23 @@ class JSDLoss(nn.Module):
 class KLLoss(nn.Module):
     r"""KL(p || q) loss in nats, optionally saturated into [0, bound).
 
-    .. math::
-        \mathrm{KL}(p \| q) = \mathbb{E}_{x \sim p}[\log p(x) - \log q(x)]
+    $$
+    \mathrm{KL}(p \| q) = \mathbb{E}_{x \sim p}[\log p(x) - \log q(x)]
+    $$
 
-    ``KLLoss()(p, q)`` is ``torch.distributions.kl_divergence(p, q)`` (distkl's rules
-    included), reduced. With ``bound`` it is :func:`distkl.bounded.bounded_kl` instead (0 at
-    ``p = q``, increasing, below ``bound``; gradients vanish far away).
+    `KLLoss()(p, q)` is `torch.distributions.kl_divergence(p, q)` (distkl's rules
+    included), reduced. With `bound` it is [`distkl.bounded.bounded_kl`][distkl.bounded_kl] instead
+    (0 at `p = q`, increasing, below `bound`; gradients vanish far away).
 
     Args:
-        reduction: ``"none"``, ``"sum"``, ``"mean"`` (default) or ``"batchmean"``; see
-            :mod:`distkl.losses`.
-        bound: if given, saturate each KL into ``[0, bound)``.
-        saturation: ``"tanh"`` (default), ``"sigmoid"`` or ``"entropy"``, used with ``bound``.
+        reduction: `"none"`, `"sum"`, `"mean"` (default) or `"batchmean"`; see
+            `distkl.losses`.
+        bound: if given, saturate each KL into `[0, bound)`.
+        saturation: `"tanh"` (default), `"sigmoid"` or `"entropy"`, used with `bound`.
 
     Shape:
-        ``forward(p, q)`` returns ``broadcast_shapes(p.batch_shape, q.batch_shape)`` for
-        ``"none"``, a scalar otherwise.
+        `forward(p, q)` returns `broadcast_shapes(p.batch_shape, q.batch_shape)` for
+        `"none"`, a scalar otherwise.
     """
 
     def __init__(

@@ -453,25 +453,26 @@ def register_jsd(
 
 
 def js_divergence(p: Distribution, q: Distribution, *, skew: float = 0.5) -> Tensor:
-    r"""Jensen-Shannon divergence ``JS_alpha(p, q)`` in nats.
+    r"""Jensen-Shannon divergence `JS_alpha(p, q)` in nats.
 
-    .. math::
-        \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m),
-        \quad m = \alpha p + (1-\alpha) q
+    $$
+    \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m),
+    \quad m = \alpha p + (1-\alpha) q
+    $$
 
-    ``skew=0.5`` is the usual JSD, symmetric and bounded by :math:`\log 2` (reached exactly for
-    disjoint supports); in general :math:`0 \le \mathrm{JS}_\alpha \le H(\alpha)`, the binary
-    entropy of ``alpha``, and ``JS_alpha(p, q) = JS_(1-alpha)(q, p)``. (TFP's ``jensen_shannon``
+    `skew=0.5` is the usual JSD, symmetric and bounded by $\log 2$ (reached exactly for
+    disjoint supports); in general $0 \le \mathrm{JS}_\alpha \le H(\alpha)$, the binary
+    entropy of `alpha`, and `JS_alpha(p, q) = JS_(1-alpha)(q, p)`. (TFP's `jensen_shannon`
     is twice this quantity.)
 
     Source: Lin (1991), "Divergence measures based on the Shannon entropy", IEEE Trans. Inf.
     Theory 37(1).
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Raises:
-        NotImplementedError: when no rule is registered for ``(type(p), type(q))``; the message
+        NotImplementedError: when no rule is registered for `(type(p), type(q))`; the message
             lists the registered pairs.
     """
     alpha = check_skew(skew)

@@ -1,34 +1,39 @@
-r"""Guaranteed lower and upper bounds on ``KL(p || q)`` (nats) between Gaussian mixtures.
+r"""Guaranteed lower and upper bounds on `KL(p || q)` (nats) between Gaussian mixtures.
 
-.. math::
-    p(x) = \sum_a w_a\, p_a(x), \quad p_a = \mathcal{N}(\mu_a, \Sigma_a), \qquad
-    q(x) = \sum_b v_b\, q_b(x), \quad q_b = \mathcal{N}(\nu_b, \Gamma_b).
+$$
+p(x) = \sum_a w_a\, p_a(x), \quad p_a = \mathcal{N}(\mu_a, \Sigma_a), \qquad
+q(x) = \sum_b v_b\, q_b(x), \quad q_b = \mathcal{N}(\nu_b, \Gamma_b).
+$$
 
-:func:`kl_bounds` returns ``(lower, upper)`` with ``lower <= KL(p || q) <= upper``: the largest of
-several lower bounds and the smallest of several upper bounds, each valid on its own.
+[`kl_bounds`][distkl.kl_bounds] returns `(lower, upper)` with `lower <= KL(p || q) <= upper`: the
+largest of several lower bounds and the smallest of several upper bounds, each valid on its own.
 
-* :func:`coupling_upper_bound` (upper): joint convexity / chain rule over any coupling of the
-  components (Hershey & Olsen's variational upper bound).
+* [`coupling_upper_bound`][distkl.bounds.coupling_upper_bound] (upper): joint convexity / chain rule
+  over any coupling of the components (Hershey & Olsen's variational upper bound).
 * Decomposition (both): the identity
-  :math:`\mathrm{KL}(p\|q) = \sum_a w_a[\mathrm{KL}(p_a\|q) - \mathrm{KL}(p_a\|p)]`, where the
-  second sum is the mixing information :math:`I = H(p) - \sum_a w_a H(p_a)`; every
-  single-Gaussian-vs-mixture term is bracketed by :func:`component_upper_bound`,
-  :func:`box_component_upper_bound` (upper) and :func:`dv_quadratic_lower_bound`,
-  :func:`slab_component_lower_bound` (lower), and :math:`I` also by
-  :func:`mixing_information_bounds` (Kolchinsky & Tracey 2017).
-* :func:`dv_quadratic_lower_bound` (lower): Donsker-Varadhan with a quadratic test function.
-* :func:`slab_coupling_upper_bound`, :func:`slab_dv_lower_bound` (both): the chain rule over
-  slabs along one direction, with the coupling / Donsker-Varadhan bound inside every slab.
-* :func:`cell_bounds_1d` (both, 1-D events): data processing over a partition of the line, plus
-  Hoeffding's lemma on every cell.
+  $\mathrm{KL}(p\|q) = \sum_a w_a[\mathrm{KL}(p_a\|q) - \mathrm{KL}(p_a\|p)]$, where the
+  second sum is the mixing information $I = H(p) - \sum_a w_a H(p_a)$; every
+  single-Gaussian-vs-mixture term is bracketed by
+  [`component_upper_bound`][distkl.bounds.component_upper_bound],
+  [`box_component_upper_bound`][distkl.bounds.box_component_upper_bound] (upper) and
+  [`dv_quadratic_lower_bound`][distkl.bounds.dv_quadratic_lower_bound],
+  [`slab_component_lower_bound`][distkl.bounds.slab_component_lower_bound] (lower), and $I$ also by
+  [`mixing_information_bounds`][distkl.bounds.mixing_information_bounds] (Kolchinsky & Tracey 2017).
+* [`dv_quadratic_lower_bound`][distkl.bounds.dv_quadratic_lower_bound] (lower): Donsker-Varadhan
+  with a quadratic test function.
+* [`slab_coupling_upper_bound`][distkl.bounds.slab_coupling_upper_bound],
+  [`slab_dv_lower_bound`][distkl.bounds.slab_dv_lower_bound] (both): the chain rule over slabs along
+  one direction, with the coupling / Donsker-Varadhan bound inside every slab.
+* [`cell_bounds_1d`][distkl.bounds.cell_bounds_1d] (both, 1-D events): data processing over a
+  partition of the line, plus Hoeffding's lemma on every cell.
 
 The iterative parts (the coupling, the quadratic test functions) only choose *which* member of a
 family of valid bounds to evaluate; every evaluated member is a bound, converged or not. All
 arithmetic is in float64. Donsker-Varadhan and cell-posterior values carry an allowance of
-``1e-13`` times the magnitude of the terms they sum, the final bounds are widened by
-``1e-9 |value| + 1e-12`` (far above the rounding error of these closed forms for covariances with
-condition numbers below about 1e6), and float32 results are rounded outward. Identical ``p`` and
-``q`` give exactly ``[0, 0]``.
+`1e-13` times the magnitude of the terms they sum, the final bounds are widened by
+`1e-9 |value| + 1e-12` (far above the rounding error of these closed forms for covariances with
+condition numbers below about 1e6), and float32 results are rounded outward. Identical `p` and
+`q` give exactly `[0, 0]`.
 """
 
 from __future__ import annotations
@@ -77,14 +82,14 @@ _ABS_MARGIN = 1e-12
 
 
 class KLBounds(NamedTuple):
-    """``lower <= KL(p || q) <= upper`` (nats), each of shape ``broadcast_shapes(...)``."""
+    """`lower <= KL(p || q) <= upper` (nats), each of shape `broadcast_shapes(...)`."""
 
     lower: Tensor
     upper: Tensor
 
 
 def _round_out(x: Tensor, dtype: torch.dtype, toward: float) -> Tensor:
-    """Cast float64 ``x`` to ``dtype``, stepping one ulp toward ``toward`` if rounding went past."""
+    """Cast float64 `x` to `dtype`, stepping one ulp toward `toward` if rounding went past."""
     if dtype == torch.float64:
         return x
     y = x.to(dtype)
@@ -94,30 +99,31 @@ def _round_out(x: Tensor, dtype: torch.dtype, toward: float) -> Tensor:
 
 
 def kl_bounds(p: Distribution, q: Distribution) -> KLBounds:
-    r"""Guaranteed bounds ``lower <= KL(p || q) <= upper`` in nats for Gaussian mixtures.
+    r"""Guaranteed bounds `lower <= KL(p || q) <= upper` in nats for Gaussian mixtures.
 
-    .. math::
-        \max_i L_i(p, q) \;\le\; \mathrm{KL}(p \| q) \;\le\; \min_j U_j(p, q)
+    $$
+    \max_i L_i(p, q) \;\le\; \mathrm{KL}(p \| q) \;\le\; \min_j U_j(p, q)
+    $$
 
-    over the bounds listed in :mod:`distkl.bounds` (coupling; the decomposition into
+    over the bounds listed in `distkl.bounds` (coupling; the decomposition into
     single-Gaussian terms with box and slab refinements; quadratic Donsker-Varadhan; slabs with
-    the chain rule; for scalar events a partition of the line). ``lower >= 0``; identical ``p``
-    and ``q`` give ``[0, 0]``; single Gaussians on both sides give the closed form up to the
+    the chain rule; for scalar events a partition of the line). `lower >= 0`; identical `p`
+    and `q` give `[0, 0]`; single Gaussians on both sides give the closed form up to the
     rounding margin. Deterministic; differentiable (the optimised choices held fixed), with
     finite gradients.
 
-    Measured on ``benchmarks/bench_methods.py``'s random pairs (K = 2..5): median
-    ``(upper - lower) / KL`` below 0.001 at D = 1, 0.06 at D = 2, 0.19 at D = 5, 0.18 at D = 10.
+    Measured on `benchmarks/bench_methods.py`'s random pairs (K = 2..5): median
+    `(upper - lower) / KL` below 0.001 at D = 1, 0.06 at D = 2, 0.19 at D = 5, 0.18 at D = 10.
 
     Args:
         p: the first distribution.
         q: the second distribution, with the same event shape. Both are Normal-family
-            distributions or ``MixtureSameFamily`` of them (Normal, Independent(Normal, 1),
+            distributions or `MixtureSameFamily` of them (Normal, Independent(Normal, 1),
             MultivariateNormal, LowRankMultivariateNormal components).
 
     Returns:
-        :class:`KLBounds` ``(lower, upper)``, each of shape
-        ``broadcast_shapes(p.batch_shape, q.batch_shape)`` and ``p``'s dtype.
+        [`KLBounds`][distkl.KLBounds] `(lower, upper)`, each of shape
+        `broadcast_shapes(p.batch_shape, q.batch_shape)` and `p`'s dtype.
 
     Raises:
         ValueError: different event shapes.

@@ -21,28 +21,29 @@ from distkl.quadrature import kl_integrand
 def cell_bounds_1d(
     mp: GaussianMixture, mq: GaussianMixture, *, points_per_component: int = 400
 ) -> tuple[Tensor, Tensor]:
-    r"""Bounds on ``KL(p || q)`` of scalar mixtures from a partition of the line into cells.
+    r"""Bounds on `KL(p || q)` of scalar mixtures from a partition of the line into cells.
 
-    With cells :math:`A_j` and :math:`p(A_j) = \int_{A_j} p`,
+    With cells $A_j$ and $p(A_j) = \int_{A_j} p$,
 
-    .. math::
-        \sum_j p(A_j)\log\frac{p(A_j)}{q(A_j)} \;\le\; \mathrm{KL}(p\|q) \;\le\;
-        \sum_j p(A_j)\log\frac{p(A_j)}{q(A_j)} + \sum_j p(A_j)\,\frac{\omega_j^2}{8},
+    $$
+    \sum_j p(A_j)\log\frac{p(A_j)}{q(A_j)} \;\le\; \mathrm{KL}(p\|q) \;\le\;
+    \sum_j p(A_j)\log\frac{p(A_j)}{q(A_j)} + \sum_j p(A_j)\,\frac{\omega_j^2}{8},
+    $$
 
-    where :math:`\omega_j \ge \sup_{A_j}\log\frac pq - \inf_{A_j}\log\frac pq`. The left side is
+    where $\omega_j \ge \sup_{A_j}\log\frac pq - \inf_{A_j}\log\frac pq$. The left side is
     the data-processing inequality for the map x -> cell; the right side is the chain rule
-    :math:`\mathrm{KL}(p\|q) = \mathrm{KL}(p(A)\|q(A)) + \sum_j p(A_j)\,
-    \mathrm{KL}(p|_{A_j} \| q|_{A_j})` with each conditional term bounded by Hoeffding's lemma
-    (:math:`\log\frac{p|_A}{q|_A}` ranges over an interval of length :math:`\omega` and
-    :math:`\mathbb{E}_{p|_A} e^{-\log(p|_A/q|_A)} = 1`, so the conditional KL is at most
-    :math:`\omega^2/8`). :math:`\omega_j` comes from per-component envelopes
-    :math:`\log\sum_a e^{\min_{A_j}\ell_a} \le \log p \le \log\sum_a e^{\max_{A_j}\ell_a}`
-    (:math:`\ell_a` the weighted component log-densities, quadratics with closed-form extrema).
-    The two unbounded end cells start beyond :math:`\pm 38` standard deviations of every
+    $\mathrm{KL}(p\|q) = \mathrm{KL}(p(A)\|q(A)) + \sum_j p(A_j)\,
+    \mathrm{KL}(p|_{A_j} \| q|_{A_j})$ with each conditional term bounded by Hoeffding's lemma
+    ($\log\frac{p|_A}{q|_A}$ ranges over an interval of length $\omega$ and
+    $\mathbb{E}_{p|_A} e^{-\log(p|_A/q|_A)} = 1$, so the conditional KL is at most
+    $\omega^2/8$). $\omega_j$ comes from per-component envelopes
+    $\log\sum_a e^{\min_{A_j}\ell_a} \le \log p \le \log\sum_a e^{\max_{A_j}\ell_a}$
+    ($\ell_a$ the weighted component log-densities, quadratics with closed-form extrema).
+    The two unbounded end cells start beyond $\pm 38$ standard deviations of every
     component; their conditional term is bounded explicitly (it is below 1e-300).
 
-    Cells: ``points_per_component`` breakpoints per component of p and of q, uniformly spaced in
-    :math:`\mu \pm 10\sigma`, plus a few further out. Returns ``(lower, upper)``, ``(*batch,)``.
+    Cells: `points_per_component` breakpoints per component of p and of q, uniformly spaced in
+    $\mu \pm 10\sigma$, plus a few further out. Returns `(lower, upper)`, `(*batch,)`.
 
     Source: data processing and chain rule, Cover & Thomas (2006), *Elements of Information
     Theory*, Theorem 2.5.3 and eq. (2.67); Hoeffding (1963), JASA 58, eq. (4.16); the envelope
@@ -97,13 +98,13 @@ def cell_bounds_1d(
 
 
 def _tail_term(mp: GaussianMixture, mq: GaussianMixture, lo_end: Tensor, hi_end: Tensor) -> Tensor:
-    r"""Upper bound on :math:`p(A)\,\mathrm{KL}(p|_A\|q|_A)` summed over the two end cells.
+    r"""Upper bound on $p(A)\,\mathrm{KL}(p|_A\|q|_A)$ summed over the two end cells.
 
-    :math:`p(A)\mathrm{KL}(p|_A\|q|_A) = \int_A p\log\frac pq + p(A)\log\frac{q(A)}{p(A)}
-    \le \int_A p\,(\log p - \log q) + q(A)`, with
-    :math:`\log p \le -\min_a\log(\sqrt{2\pi}\sigma_a)`
-    and :math:`-\log q \le -\log v_b + \log(\sqrt{2\pi}\tau_b) + (x-\nu_b)^2/(2\tau_b^2)` for the
-    heaviest component ``b`` of q; the Gaussian tail moments are closed forms. Every end cell lies
+    $p(A)\mathrm{KL}(p|_A\|q|_A) = \int_A p\log\frac pq + p(A)\log\frac{q(A)}{p(A)}
+    \le \int_A p\,(\log p - \log q) + q(A)$, with
+    $\log p \le -\min_a\log(\sqrt{2\pi}\sigma_a)$
+    and $-\log q \le -\log v_b + \log(\sqrt{2\pi}\tau_b) + (x-\nu_b)^2/(2\tau_b^2)$ for the
+    heaviest component `b` of q; the Gaussian tail moments are closed forms. Every end cell lies
     38 standard deviations beyond every component, so this is below 1e-300 in practice.
     """
     loc_p, sc_p = loc_scale_1d(mp)

@@ -28,18 +28,19 @@ def mixture_weights(m: GaussianMixture) -> Tensor:
 
 
 def mixing_information_bounds(mp: GaussianMixture) -> tuple[Tensor, Tensor]:
-    r"""Bounds on the mixing information :math:`I = H(p) - \sum_a w_a H(p_a) \in [0, H(w)]`.
+    r"""Bounds on the mixing information $I = H(p) - \sum_a w_a H(p_a) \in [0, H(w)]$.
 
-    .. math::
-        -\sum_a w_a \log \sum_{a'} w_{a'} e^{-C_\alpha(p_a\|p_{a'})} \;\le\; I \;\le\;
-        -\sum_a w_a \log \sum_{a'} w_{a'} e^{-\mathrm{KL}(p_a\|p_{a'})}
+    $$
+    -\sum_a w_a \log \sum_{a'} w_{a'} e^{-C_\alpha(p_a\|p_{a'})} \;\le\; I \;\le\;
+    -\sum_a w_a \log \sum_{a'} w_{a'} e^{-\mathrm{KL}(p_a\|p_{a'})}
+    $$
 
-    for every :math:`\alpha \in [0, 1]` (Chernoff :math:`\alpha`-divergence :math:`C_\alpha`;
-    :math:`\alpha \in \{1/4, 1/2, 3/4\}` are tried), and also
-    :math:`I \ge -\sum_a w_a \log \sum_{a'} w_{a'} \int p_a p_{a'} - \sum_a w_a H(p_a)`
-    (Jensen on :math:`\mathbb{E}_{p_a}\log p \le \log \mathbb{E}_{p_a} p`).
+    for every $\alpha \in [0, 1]$ (Chernoff $\alpha$-divergence $C_\alpha$;
+    $\alpha \in \{1/4, 1/2, 3/4\}$ are tried), and also
+    $I \ge -\sum_a w_a \log \sum_{a'} w_{a'} \int p_a p_{a'} - \sum_a w_a H(p_a)$
+    (Jensen on $\mathbb{E}_{p_a}\log p \le \log \mathbb{E}_{p_a} p$).
 
-    Returns ``(lower, upper)`` of shape ``(*batch,)``.
+    Returns `(lower, upper)` of shape `(*batch,)`.
 
     Source: Kolchinsky & Tracey (2017), Entropy 19(7):361, Theorems 2 and 3 (I is the mutual
     information between the component label and X; Haussler & Opper (1997), Ann. Statist.
@@ -65,28 +66,29 @@ def mixing_information_bounds(mp: GaussianMixture) -> tuple[Tensor, Tensor]:
 def coupling_upper_bound(
     log_w: Tensor, log_v: Tensor, kl_ab: Tensor, *, iterations: int = 100
 ) -> Tensor:
-    r"""``KL(p || q)`` upper bound over couplings of the components (Hershey-Olsen ``D_varupper``).
+    r"""`KL(p || q)` upper bound over couplings of the components (Hershey-Olsen `D_varupper`).
 
-    For every :math:`\phi_{ab} \ge 0` with :math:`\sum_b \phi_{ab} = w_a`,
+    For every $\phi_{ab} \ge 0$ with $\sum_b \phi_{ab} = w_a$,
 
-    .. math::
-        \mathrm{KL}(p \| q) \le \sum_b \phi_{\cdot b} \log\frac{\phi_{\cdot b}}{v_b}
-        + \sum_{ab} \phi_{ab}\, \mathrm{KL}(p_a \| q_b),
-        \qquad \phi_{\cdot b} = \sum_a \phi_{ab},
+    $$
+    \mathrm{KL}(p \| q) \le \sum_b \phi_{\cdot b} \log\frac{\phi_{\cdot b}}{v_b}
+    + \sum_{ab} \phi_{ab}\, \mathrm{KL}(p_a \| q_b),
+    \qquad \phi_{\cdot b} = \sum_a \phi_{ab},
+    $$
 
-    the KL divergence between the joint densities :math:`\phi_{ab}\, p_a(x)` and
-    :math:`\psi_{ab}\, q_b(x)` with :math:`\psi_{ab} = v_b \phi_{ab}/\phi_{\cdot b}`, which
+    the KL divergence between the joint densities $\phi_{ab}\, p_a(x)$ and
+    $\psi_{ab}\, q_b(x)$ with $\psi_{ab} = v_b \phi_{ab}/\phi_{\cdot b}$, which
     majorises the KL of the marginals (chain rule / log-sum inequality). The right side is convex
-    in :math:`\phi`; ``iterations`` alternating updates approach its minimum, and every iterate is
+    in $\phi$; `iterations` alternating updates approach its minimum, and every iterate is
     a valid bound. With one-to-one couplings it contains the matched bound
-    :math:`\mathrm{KL}(w\|v_\pi) + \sum_a w_a \mathrm{KL}(p_a\|q_{\pi(a)})`.
+    $\mathrm{KL}(w\|v_\pi) + \sum_a w_a \mathrm{KL}(p_a\|q_{\pi(a)})$.
 
     Args:
-        log_w: ``(*batch, Ka)`` normalised log-weights of p; log_v: ``(*batch, Kb)`` of q.
-        kl_ab: ``(*batch, Ka, Kb)`` pairwise ``KL(p_a || q_b)``.
+        log_w: `(*batch, Ka)` normalised log-weights of p; log_v: `(*batch, Kb)` of q.
+        kl_ab: `(*batch, Ka, Kb)` pairwise `KL(p_a || q_b)`.
 
     Returns:
-        ``(*batch,)`` upper bound.
+        `(*batch,)` upper bound.
 
     Source: Hershey & Olsen (2007), ICASSP, sec. 6 ("variational upper bound"), update equations
     (26)-(27); Do (2003), IEEE Signal Process. Lett. 10(4) for the matched bound.
@@ -116,13 +118,13 @@ def coupling_upper_bound(
 
 
 def component_upper_bound(log_v: Tensor, kl_ab: Tensor) -> Tensor:
-    r"""``KL(p_a || q) <= -log sum_b v_b exp(-KL(p_a || q_b))`` for a single Gaussian :math:`p_a`.
+    r"""`KL(p_a || q) <= -log sum_b v_b exp(-KL(p_a || q_b))` for a single Gaussian $p_a$.
 
     The coupling bound with one component on the left; equivalently Jensen's inequality
-    :math:`\mathbb{E}_{p_a}\log q \ge \log\sum_b v_b e^{\mathbb{E}_{p_a}\log q_b}` for the
-    variational posterior over ``b``. Shape ``(*batch, Ka)``.
+    $\mathbb{E}_{p_a}\log q \ge \log\sum_b v_b e^{\mathbb{E}_{p_a}\log q_b}$ for the
+    variational posterior over `b`. Shape `(*batch, Ka)`.
 
     Source: Hershey & Olsen (2007), ICASSP, eq. (17) (variational lower bound on
-    :math:`\mathbb{E}_{p_a}\log q`).
+    $\mathbb{E}_{p_a}\log q$).
     """
     return -(log_v.unsqueeze(-2) - kl_ab).logsumexp(-1)

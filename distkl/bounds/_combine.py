@@ -39,9 +39,9 @@ def _sanitize(x: Tensor, bad: float) -> Tensor:
 def component_bounds(
     mp: GaussianMixture, mq: GaussianMixture, *, refine: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """Lower and upper bounds on ``KL(p_a || q)`` for every component: ``(*batch, Ka)`` each.
+    """Lower and upper bounds on `KL(p_a || q)` for every component: `(*batch, Ka)` each.
 
-    ``refine=False`` skips the box and slab refinements (closed forms and global DV only).
+    `refine=False` skips the box and slab refinements (closed forms and global DV only).
     """
     kl_ab = pairwise_kl(mp, mq)
     jensen = component_upper_bound(mq.log_weights, kl_ab)
@@ -63,9 +63,9 @@ def component_bounds(
 def all_bounds(
     mp: GaussianMixture, mq: GaussianMixture, *, cells: bool = True
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Every applicable lower and upper bound, each of shape ``(*batch,)`` (float64).
+    """Every applicable lower and upper bound, each of shape `(*batch,)` (float64).
 
-    ``cells=False`` skips the 1-D partition bounds (used by the tests to check the general ones).
+    `cells=False` skips the 1-D partition bounds (used by the tests to check the general ones).
     """
     w = mixture_weights(mp)
     kl_ab = pairwise_kl(mp, mq)

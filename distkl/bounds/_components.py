@@ -1,4 +1,4 @@
-"""Per-component refinements of ``KL(p_a || q)`` in the whitened frame of ``p_a``: boxes (upper)
+"""Per-component refinements of `KL(p_a || q)` in the whitened frame of `p_a`: boxes (upper)
 and slabs (lower)."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from distkl.quadrature import kl_integrand
 
 
 def whitened_q(loc: Tensor, tril: Tensor, mq: GaussianMixture) -> tuple[Tensor, Tensor]:
-    r"""``q`` in the coordinates :math:`z = L^{-1}(x - \mu)` of every Gaussian ``(loc, tril)``.
+    r"""`q` in the coordinates $z = L^{-1}(x - \mu)$ of every Gaussian `(loc, tril)`.
 
-    ``loc (*b, Ka, D)``, ``tril (*b, Ka, D, D)``: returns means ``(*b, Ka, Kb, D)`` and
-    lower-triangular factors ``(*b, Ka, Kb, D, D)`` of q's components.
+    `loc (*b, Ka, D)`, `tril (*b, Ka, D, D)`: returns means `(*b, Ka, Kb, D)` and
+    lower-triangular factors `(*b, Ka, Kb, D, D)` of q's components.
     """
     lq = mq.tril().unsqueeze(-4)
     l_a = tril.unsqueeze(-3)
@@ -36,12 +36,12 @@ def whitened_q(loc: Tensor, tril: Tensor, mq: GaussianMixture) -> tuple[Tensor, 
 
 
 def _posterior_directions(m: Tensor, r: Tensor, rho: Tensor, k: int) -> Tensor:
-    r"""``k`` orthonormal directions along which q's component posterior changes most.
+    r"""`k` orthonormal directions along which q's component posterior changes most.
 
-    Weighted PCA of :math:`\bar P (m_b - m_{b'})` with weights :math:`\rho_b \rho_{b'}`
-    (:math:`\bar P` the :math:`\rho`-averaged precision): the normals of the boundaries between
-    q's components near the origin. ``m (*, Kb, D)``, ``r (*, Kb, D, D)``, ``rho (*, Kb)``.
-    Returns ``(*, D, k)``. Any choice keeps the bounds valid; this one makes them tight.
+    Weighted PCA of $\bar P (m_b - m_{b'})$ with weights $\rho_b \rho_{b'}$
+    ($\bar P$ the $\rho$-averaged precision): the normals of the boundaries between
+    q's components near the origin. `m (*, Kb, D)`, `r (*, Kb, D, D)`, `rho (*, Kb)`.
+    Returns `(*, D, k)`. Any choice keeps the bounds valid; this one makes them tight.
     """
     with torch.no_grad():
         eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(r)
@@ -75,25 +75,26 @@ def grid_cells(grid: tuple[float, ...], like: Tensor) -> tuple[Tensor, Tensor]:
 def box_component_upper_bound(
     m: Tensor, r: Tensor, log_v: Tensor, kl_ab: Tensor, *, k: int = 2
 ) -> Tensor:
-    r"""Upper bound on ``KL(p_a || q)`` from a posterior that is constant on boxes.
+    r"""Upper bound on `KL(p_a || q)` from a posterior that is constant on boxes.
 
-    In the whitened frame of :math:`p_a` (:math:`z \sim \mathcal N(0, I)`), for any partition
-    into cells :math:`B` and any distributions :math:`\phi_B` over q's components, Jensen's
+    In the whitened frame of $p_a$ ($z \sim \mathcal N(0, I)$), for any partition
+    into cells $B$ and any distributions $\phi_B$ over q's components, Jensen's
     inequality gives
-    :math:`\log q(z) \ge \sum_b \phi_B(b)\,[\log v_b q_b(z) - \log\phi_B(b)]` on :math:`B`, hence
+    $\log q(z) \ge \sum_b \phi_B(b)\,[\log v_b q_b(z) - \log\phi_B(b)]$ on $B$, hence
 
-    .. math::
-        \mathrm{KL}(p_a \| q) \le -H(p_a) - \sum_B p_a(B)\,
-        \log \sum_b v_b \exp \mathbb E_{p_a}[\log q_b \mid B].
+    $$
+    \mathrm{KL}(p_a \| q) \le -H(p_a) - \sum_B p_a(B)\,
+    \log \sum_b v_b \exp \mathbb E_{p_a}[\log q_b \mid B].
+    $$
 
-    Cells are boxes in an orthonormal frame of ``k`` directions (the boundaries between q's
-    components, :func:`_posterior_directions`) times the rest of the space, so
-    :math:`p_a(B)` is a product of 1-D normal masses and :math:`\mathbb E[\log q_b \mid B]`
+    Cells are boxes in an orthonormal frame of `k` directions (the boundaries between q's
+    components, `_posterior_directions`) times the rest of the space, so
+    $p_a(B)$ is a product of 1-D normal masses and $\mathbb E[\log q_b \mid B]$
     (a quadratic) needs only truncated-normal moments. One cell recovers
-    :func:`component_upper_bound`.
+    [`component_upper_bound`][distkl.bounds.component_upper_bound].
 
-    ``m``, ``r``: q in p_a's frame, ``(*, Ka, Kb, D)`` and ``(*, Ka, Kb, D, D)``; ``log_v``
-    ``(*, Kb)``; ``kl_ab`` ``(*, Ka, Kb)``. Returns ``(*, Ka)``.
+    `m`, `r`: q in p_a's frame, `(*, Ka, Kb, D)` and `(*, Ka, Kb, D, D)`; `log_v`
+    `(*, Kb)`; `kl_ab` `(*, Ka, Kb)`. Returns `(*, Ka)`.
 
     Source: the variational bound of Hershey & Olsen (2007), ICASSP, eq. (17), with a
     posterior that depends on the cell of z (piecewise-constant variational posterior).
@@ -143,18 +144,18 @@ def slab_component_lower_bound(
     *,
     iterations: int = 8,
 ) -> Tensor:
-    r"""Lower bound on ``KL(p_a || q)``: chain rule over slabs, Donsker-Varadhan in each slab.
+    r"""Lower bound on `KL(p_a || q)`: chain rule over slabs, Donsker-Varadhan in each slab.
 
-    For slabs :math:`S_j` (a partition along one direction u in p_a's whitened frame), the
+    For slabs $S_j$ (a partition along one direction u in p_a's whitened frame), the
     chain rule is exact,
-    :math:`\mathrm{KL}(p_a\|q) = \mathrm{KL}(p_a(S)\|q(S)) + \sum_j p_a(S_j)\,
-    \mathrm{KL}(p_a|_{S_j} \| q|_{S_j})`, and each conditional term is bounded below by
-    :func:`dv_quadratic_lower_bound` with its own quadratic T (slab masses and the moments of
-    truncated Gaussians are closed forms). Started from the global optimum ``start``, which alone
-    already gives at least the unsliced bound (Jensen over the slabs).
+    $\mathrm{KL}(p_a\|q) = \mathrm{KL}(p_a(S)\|q(S)) + \sum_j p_a(S_j)\,
+    \mathrm{KL}(p_a|_{S_j} \| q|_{S_j})$, and each conditional term is bounded below by
+    [`dv_quadratic_lower_bound`][distkl.bounds.dv_quadratic_lower_bound] with its own quadratic T
+    (slab masses and the moments of truncated Gaussians are closed forms). Started from the global
+    optimum `start`, which alone already gives at least the unsliced bound (Jensen over the slabs).
 
-    Shapes as in :func:`box_component_upper_bound`; ``start`` is ``(A (*, Ka, D, D), h (*, Ka,
-    D))``. Returns ``(*, Ka)``.
+    Shapes as in [`box_component_upper_bound`][distkl.bounds.box_component_upper_bound]; `start` is
+    `(A (*, Ka, D, D), h (*, Ka, D))`. Returns `(*, Ka)`.
 
     Source: chain rule, Cover & Thomas (2006), eq. (2.67); Donsker & Varadhan (1983).
     """

@@ -19,7 +19,7 @@ ROUNDING = 1e-13
 
 
 class Slab(NamedTuple):
-    """The slab ``lo <= u'x <= hi``: ``u (*, D)`` unit, ``lo, hi (*)``."""
+    """The slab `lo <= u'x <= hi`: `u (*, D)` unit, `lo, hi (*)`."""
 
     u: Tensor
     lo: Tensor
@@ -29,13 +29,14 @@ class Slab(NamedTuple):
 def _tilt(
     a_mat: Tensor, h: Tensor, loc: Tensor, root: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""Tilt the components :math:`\mathcal N(m_b, R_bR_b^\top)` by :math:`e^T`, T = -x'Ax/2 + h'x.
+    r"""Tilt the components $\mathcal N(m_b, R_bR_b^\top)$ by $e^T$, T = -x'Ax/2 + h'x.
 
-    .. math::
-        \log\!\int \mathcal N(x; m, RR^\top) e^{T(x)}dx = T(m) - \tfrac12\log\det(I + M)
-        + \tfrac12 k^\top (I + M)^{-1} k, \quad M = R^\top A R,\; k = R^\top(h - Am),
+    $$
+    \log\!\int \mathcal N(x; m, RR^\top) e^{T(x)}dx = T(m) - \tfrac12\log\det(I + M)
+    + \tfrac12 k^\top (I + M)^{-1} k, \quad M = R^\top A R,\; k = R^\top(h - Am),
+    $$
 
-    finite iff :math:`I + M \succ 0`. Returns ``(log integral, tilted mean, tilted root, ok)``.
+    finite iff $I + M \succ 0$. Returns `(log integral, tilted mean, tilted root, ok)`.
     """
     d = loc.shape[-1]
     eye = torch.eye(d, dtype=loc.dtype, device=loc.device)
@@ -71,12 +72,12 @@ def _dv_objective(
     log_mass_q: Tensor,
     conservative: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``J = E_f[T] - log E_q[e^T]`` (q restricted to ``slab`` if given) and q e^T's moments.
+    r"""`J = E_f[T] - log E_q[e^T]` (q restricted to `slab` if given) and q e^T's moments.
 
-    ``target = (mean, cov)`` of f (only these enter :math:`\mathbb E_f T` for quadratic T);
-    ``log_mass_q`` is :math:`\log q(\text{slab})` (0 without a slab). Returns
-    ``(J, mean, cov)`` of the normalised (restricted) tilted mixture; ``J = -inf`` where
-    :math:`e^T` is not integrable. ``conservative`` subtracts a bound on the rounding error.
+    `target = (mean, cov)` of f (only these enter $\mathbb E_f T$ for quadratic T);
+    `log_mass_q` is $\log q(\text{slab})$ (0 without a slab). Returns
+    `(J, mean, cov)` of the normalised (restricted) tilted mixture; `J = -inf` where
+    $e^T$ is not integrable. `conservative` subtracts a bound on the rounding error.
     """
     t_mean, t_cov = target
     log_int, mean, new_root, _ = _tilt(a_mat, h, loc, root)
@@ -115,11 +116,11 @@ def _dv_maximise(
     start: tuple[Tensor, Tensor] | None,
     iterations: int,
 ) -> tuple[Tensor, Tensor]:
-    r"""Maximise the quadratic Donsker-Varadhan objective; returns ``(A, h)`` (no gradients).
+    r"""Maximise the quadratic Donsker-Varadhan objective; returns `(A, h)` (no gradients).
 
     Each step moves the natural parameters of T by the difference between those of the Gaussian
-    matching f's moments and those of the Gaussian matching the tilted :math:`q e^T` (the Newton
-    step when :math:`q e^T` is Gaussian; an ascent direction always, since the Gaussian
+    matching f's moments and those of the Gaussian matching the tilted $q e^T$ (the Newton
+    step when $q e^T$ is Gaussian; an ascent direction always, since the Gaussian
     log-partition is convex), halving it until the objective increases.
     """
     t_mean, t_cov = target
@@ -183,21 +184,21 @@ def dv_quadratic_lower_bound(
     start: tuple[Tensor, Tensor] | None = None,
     iterations: int = 12,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    r"""``KL(f || q) >= sup_T E_f[T] - log E_q[e^T]`` over quadratic ``T`` (Donsker-Varadhan).
+    r"""`KL(f || q) >= sup_T E_f[T] - log E_q[e^T]` over quadratic `T` (Donsker-Varadhan).
 
-    ``f`` enters through its mean and covariance ``target`` only (they fix :math:`\mathbb E_f T`
-    for quadratic T), so ``f`` may be a mixture or a truncated Gaussian. ``q`` is the mixture
-    :math:`\sum_b e^{\text{log\_v}_b} \mathcal N(\text{loc}_b, R_bR_b^\top)`, restricted to
-    ``slab`` when one is given (then both sides are the slab-conditionals and ``log_v`` must be
-    the unrestricted log-weights). For :math:`T(x) = -\tfrac12 x^\top A x + h^\top x` both
-    expectations are closed forms, the objective is concave in :math:`(A, h)`, and any ``(A, h)``
-    gives a valid bound; :func:`_dv_maximise` chooses one. Exact when ``f`` and ``q`` are single
+    `f` enters through its mean and covariance `target` only (they fix $\mathbb E_f T$
+    for quadratic T), so `f` may be a mixture or a truncated Gaussian. `q` is the mixture
+    $\sum_b e^{\text{log\_v}_b} \mathcal N(\text{loc}_b, R_bR_b^\top)$, restricted to
+    `slab` when one is given (then both sides are the slab-conditionals and `log_v` must be
+    the unrestricted log-weights). For $T(x) = -\tfrac12 x^\top A x + h^\top x$ both
+    expectations are closed forms, the objective is concave in $(A, h)$, and any `(A, h)`
+    gives a valid bound; `_dv_maximise` chooses one. Exact when `f` and `q` are single
     Gaussians (no slab).
 
-    Returns ``(bound (*,), (A, h))``.
+    Returns `(bound (*,), (A, h))`.
 
     Source: Donsker & Varadhan (1983), Comm. Pure Appl. Math. 36(2), 183-212 (variational
-    formula, Theorem 2.1 / 3.2); with :math:`T = \log f` it is the lower bound of Durrieu, Thiran
+    formula, Theorem 2.1 / 3.2); with $T = \log f$ it is the lower bound of Durrieu, Thiran
     & Kelly (2012), ICASSP, eq. (8).
     """
     if slab is None:

@@ -25,7 +25,7 @@ from distkl.quadrature import kl_integrand
 
 
 def affine(m: GaussianMixture, shift: Tensor, tril: Tensor) -> GaussianMixture:
-    r"""The image of ``m`` under :math:`x \mapsto L^{-1}(x - c)` (KL is invariant under it)."""
+    r"""The image of `m` under $x \mapsto L^{-1}(x - c)$ (KL is invariant under it)."""
     lb = tril.unsqueeze(-3)
     loc = torch.linalg.solve_triangular(
         lb, (m.loc - shift.unsqueeze(-2)).unsqueeze(-1), upper=False
@@ -37,7 +37,7 @@ def affine(m: GaussianMixture, shift: Tensor, tril: Tensor) -> GaussianMixture:
 def separating_direction(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
     r"""Leading generalised eigenvector of between- vs within-component scatter of p and q pooled.
 
-    The direction along which the components of both mixtures are most separated; ``(*, D)``,
+    The direction along which the components of both mixtures are most separated; `(*, D)`,
     unit. Any direction keeps the slab bounds valid.
     """
     with torch.no_grad():
@@ -63,10 +63,10 @@ _MIXTURE_SLAB_GRID = (-4.0, -3.0, -2.25, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2
 def _mixture_slabs(
     mp: GaussianMixture, mq: GaussianMixture, u: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Slab edges along ``u`` and the truncated statistics of every component of p and q.
+    """Slab edges along `u` and the truncated statistics of every component of p and q.
 
-    Returns ``(lo, hi)`` ``(*, S)``, p's ``(log Z, M1, M2)`` ``(*, S, Ka)``, q's ``log Z``
-    ``(*, S, Kb)`` and the between-slab term ``KL(p(S) || q(S))`` ``(*,)``.
+    Returns `(lo, hi)` `(*, S)`, p's `(log Z, M1, M2)` `(*, S, Ka)`, q's `log Z`
+    `(*, S, Kb)` and the between-slab term `KL(p(S) || q(S))` `(*,)`.
     """
 
     lo, hi = grid_cells(_MIXTURE_SLAB_GRID, u)
@@ -90,25 +90,27 @@ def _mixture_slabs(
 
 
 def slab_coupling_upper_bound(mp: GaussianMixture, mq: GaussianMixture, u: Tensor) -> Tensor:
-    r"""Upper bound on ``KL(p || q)``: chain rule over slabs, coupling bound inside each slab.
+    r"""Upper bound on `KL(p || q)`: chain rule over slabs, coupling bound inside each slab.
 
-    With slabs :math:`S_j` along ``u``,
-    :math:`\mathrm{KL}(p\|q) = \mathrm{KL}(p(S)\|q(S))
-    + \sum_j p(S_j)\,\mathrm{KL}(p|_{S_j}\|q|_{S_j})` exactly, and
-    :math:`p|_{S_j} = \sum_a w_{a|j}\, p_a|_{S_j}` is a mixture of truncated Gaussians (likewise
-    q), so :func:`coupling_upper_bound` applies in every slab with the closed form
+    With slabs $S_j$ along `u`,
+    $\mathrm{KL}(p\|q) = \mathrm{KL}(p(S)\|q(S))
+    + \sum_j p(S_j)\,\mathrm{KL}(p|_{S_j}\|q|_{S_j})$ exactly, and
+    $p|_{S_j} = \sum_a w_{a|j}\, p_a|_{S_j}$ is a mixture of truncated Gaussians (likewise
+    q), so [`coupling_upper_bound`][distkl.bounds.coupling_upper_bound] applies in every slab with
+    the closed form
 
-    .. math::
-        \mathrm{KL}(p_a|_S \| q_b|_S) = \tfrac12\bigl[\delta^\top\Gamma_b^{-1}\delta
-        + 2M_1\,\delta^\top\Gamma_b^{-1}v + M_2\,v^\top\Gamma_b^{-1}v
-        + \mathrm{tr}(\Gamma_b^{-1}\Sigma_a) - v^\top\Gamma_b^{-1}v - M_2 - D + 1\bigr]
-        + \tfrac12\log\tfrac{|\Gamma_b|}{|\Sigma_a|} - \log\tfrac{p_a(S)}{q_b(S)},
+    $$
+    \mathrm{KL}(p_a|_S \| q_b|_S) = \tfrac12\bigl[\delta^\top\Gamma_b^{-1}\delta
+    + 2M_1\,\delta^\top\Gamma_b^{-1}v + M_2\,v^\top\Gamma_b^{-1}v
+    + \mathrm{tr}(\Gamma_b^{-1}\Sigma_a) - v^\top\Gamma_b^{-1}v - M_2 - D + 1\bigr]
+    + \tfrac12\log\tfrac{|\Gamma_b|}{|\Sigma_a|} - \log\tfrac{p_a(S)}{q_b(S)},
+    $$
 
-    :math:`\delta = \mu_a - \nu_b`, :math:`v = \Sigma_a u / \sigma_a`, :math:`M_1, M_2` the
-    truncated standard-normal moments of :math:`u^\top x` under :math:`p_a`. In a slab where the
+    $\delta = \mu_a - \nu_b$, $v = \Sigma_a u / \sigma_a$, $M_1, M_2$ the
+    truncated standard-normal moments of $u^\top x$ under $p_a$. In a slab where the
     components separate, the coupling becomes exact.
 
-    Returns ``(*,)``. Source: chain rule (Cover & Thomas 2006, eq. 2.67) and Hershey & Olsen
+    Returns `(*,)`. Source: chain rule (Cover & Thomas 2006, eq. 2.67) and Hershey & Olsen
     (2007), sec. 6, applied to truncated components.
     """
     d = mp.dim
@@ -162,15 +164,15 @@ def slab_dv_lower_bound(
     *,
     iterations: int = 8,
 ) -> Tensor:
-    r"""Lower bound on ``KL(p || q)``: chain rule over slabs, Donsker-Varadhan in each slab.
+    r"""Lower bound on `KL(p || q)`: chain rule over slabs, Donsker-Varadhan in each slab.
 
-    :math:`\mathrm{KL}(p\|q) \ge \mathrm{KL}(p(S)\|q(S)) + \sum_j p(S_j)\,
-    \sup_{T_j}\bigl(\mathbb E_{p|_{S_j}} T_j - \log \mathbb E_{q|_{S_j}} e^{T_j}\bigr)` with
-    quadratic :math:`T_j`; :math:`p|_{S_j}` enters through its mean and covariance (mixtures
-    of truncated Gaussians), :math:`q|_{S_j}` through closed-form slab masses of tilted
-    Gaussians. Started from the unsliced optimum ``start``.
+    $\mathrm{KL}(p\|q) \ge \mathrm{KL}(p(S)\|q(S)) + \sum_j p(S_j)\,
+    \sup_{T_j}\bigl(\mathbb E_{p|_{S_j}} T_j - \log \mathbb E_{q|_{S_j}} e^{T_j}\bigr)$ with
+    quadratic $T_j$; $p|_{S_j}$ enters through its mean and covariance (mixtures
+    of truncated Gaussians), $q|_{S_j}$ through closed-form slab masses of tilted
+    Gaussians. Started from the unsliced optimum `start`.
 
-    Returns ``(*,)``. Source: chain rule (Cover & Thomas 2006, eq. 2.67); Donsker & Varadhan
+    Returns `(*,)`. Source: chain rule (Cover & Thomas 2006, eq. 2.67); Donsker & Varadhan
     (1983).
     """
     lo, hi, log_zp, _, _, _, between = _mixture_slabs(mp, mq, u)

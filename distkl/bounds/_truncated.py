@@ -19,10 +19,10 @@ _HALF_LOG_2PI = 0.5 * LOG_2PI
 
 
 def log_interval_mass(lo: Tensor, hi: Tensor) -> Tensor:
-    r"""``log(Phi(hi) - Phi(lo))`` for standardised ``lo <= hi`` (infinite ends allowed).
+    r"""`log(Phi(hi) - Phi(lo))` for standardised `lo <= hi` (infinite ends allowed).
 
-    Accurate in both tails (mirror image when both ends are positive, ``log_ndtr`` for the
-    rest); ``-inf`` for an empty interval. Every branch sees finite inputs, so gradients are
+    Accurate in both tails (mirror image when both ends are positive, `log_ndtr` for the
+    rest); `-inf` for an empty interval. Every branch sees finite inputs, so gradients are
     finite.
     """
     lo_inf, hi_inf = lo == -math.inf, hi == math.inf
@@ -46,18 +46,18 @@ def log_interval_mass(lo: Tensor, hi: Tensor) -> Tensor:
 
 
 def standardize(edge: Tensor, centre: Tensor, sd: Tensor) -> Tensor:
-    """``(edge - centre) / sd`` keeping infinite edges infinite (and their gradients finite)."""
+    """`(edge - centre) / sd` keeping infinite edges infinite (and their gradients finite)."""
     finite = torch.isfinite(edge)
     z = (torch.where(finite, edge, torch.zeros_like(edge)) - centre) / sd
     return torch.where(finite, z, edge.expand_as(z))
 
 
 def truncated_normal(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Standard normal truncated to ``[lo, hi]`` (infinite ends allowed).
+    r"""Standard normal truncated to `[lo, hi]` (infinite ends allowed).
 
-    Returns ``(log Z, M1, M2)``: the log-mass and the first two raw moments,
-    :math:`M_1 = (\varphi(lo) - \varphi(hi))/Z`,
-    :math:`M_2 = 1 + (lo\,\varphi(lo) - hi\,\varphi(hi))/Z`. Where ``Z`` underflows the moments
+    Returns `(log Z, M1, M2)`: the log-mass and the first two raw moments,
+    $M_1 = (\varphi(lo) - \varphi(hi))/Z$,
+    $M_2 = 1 + (lo\,\varphi(lo) - hi\,\varphi(hi))/Z$. Where `Z` underflows the moments
     are set to 0 (such cells carry no weight).
     """
     log_z = log_interval_mass(lo, hi)
@@ -83,10 +83,10 @@ def truncated_normal(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def truncate(
     loc: Tensor, root: Tensor, u: Tensor, lo: Tensor, hi: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""A Gaussian :math:`\mathcal N(\mu, RR^\top)` restricted to the slab ``lo <= u'x <= hi``.
+    r"""A Gaussian $\mathcal N(\mu, RR^\top)$ restricted to the slab `lo <= u'x <= hi`.
 
-    Shapes: ``loc (*, D)``, ``root (*, D, D)``, ``u (*, D)`` (unit), ``lo, hi (*)``. Returns
-    ``(log mass, mean, covariance)`` of the restriction (normalised).
+    Shapes: `loc (*, D)`, `root (*, D, D)`, `u (*, D)` (unit), `lo, hi (*)`. Returns
+    `(log mass, mean, covariance)` of the restriction (normalised).
     """
     su = (root @ (root.transpose(-1, -2) @ u.unsqueeze(-1))).squeeze(-1)  # S u
     sd = (su * u).sum(-1).clamp(min=0.0).sqrt()

@@ -1,9 +1,9 @@
 """The engine: validate, plan the chunks, draw, assemble the columns, stream, combine.
 
-``run(sampler, integrand, ...)`` estimates $\\mathbb{E}_p[f]$ stratified over ``p``'s mixture
-components: each chunk of rows is assigned to components (:class:`Strata`), drawn
-(:class:`Sampler`), scored (the integrand returns ``f`` and optional extra controls), assembled
-into columns ``[f, controls...]`` and merged into per-stratum moments; :func:`combine` turns the
+`run(sampler, integrand, ...)` estimates $\\mathbb{E}_p[f]$ stratified over `p`'s mixture
+components: each chunk of rows is assigned to components (`Strata`), drawn
+(`Sampler`), scored (the integrand returns `f` and optional extra controls), assembled
+into columns `[f, controls...]` and merged into per-stratum moments; `combine` turns the
 moments into the estimate.
 """
 
@@ -24,17 +24,17 @@ from distkl.montecarlo._strata import IntervalStrata, allocate
 
 __all__ = ["Integrand", "MEMORY_BUDGET", "check_generator", "plan_chunks", "run"]
 
-#: Bytes the working set of one chunk may take when ``chunk_size`` is not given.
+#: Bytes the working set of one chunk may take when `chunk_size` is not given.
 MEMORY_BUDGET = 192 * 2**20
 
-#: ``integrand(draw, idx, controls)`` returns ``f`` of shape ``(c, *batch_out)`` and optional
-#: extra controls ``(c, *batch_out, m)`` with zero mean within every stratum (only needed when
-#: ``controls`` is true).
+#: `integrand(draw, idx, controls)` returns `f` of shape `(c, *batch_out)` and optional
+#: extra controls `(c, *batch_out, m)` with zero mean within every stratum (only needed when
+#: `controls` is true).
 Integrand = Callable[[Draw, Tensor, bool], "tuple[Tensor, Optional[Tensor]]"]
 
 
 def check_generator(generator: Optional[torch.Generator], device: torch.device) -> None:
-    """Raise unless ``generator`` is ``None`` or a :class:`torch.Generator` on ``device``'s type."""
+    """Raise unless `generator` is `None` or a `torch.Generator` on `device`'s type."""
     if generator is None:
         return
     if not isinstance(generator, torch.Generator):
@@ -51,8 +51,8 @@ def check_generator(generator: Optional[torch.Generator], device: torch.device) 
 def plan_chunks(
     num_samples: int, chunk_size: Optional[int], row_elements: int, dtype: torch.dtype
 ) -> list[tuple[int, int]]:
-    """Row ranges ``[first, last)`` of the chunks; their size comes from ``MEMORY_BUDGET``
-    and the tensor elements one row needs (``row_elements``) unless ``chunk_size`` is given."""
+    """Row ranges `[first, last)` of the chunks; their size comes from `MEMORY_BUDGET`
+    and the tensor elements one row needs (`row_elements`) unless `chunk_size` is given."""
     if chunk_size is None:
         item = max(torch.finfo(dtype).bits // 8, 4)
         chunk_size = max(64, MEMORY_BUDGET // max(1, row_elements * item))
@@ -84,9 +84,9 @@ def _columns(
     out_shape: torch.Size,
     dtype: torch.dtype,
 ) -> Tensor:
-    """``[f, controls...]`` as ``(c, G, v)`` in ``dtype``.
+    """`[f, controls...]` as `(c, G, v)` in `dtype`.
 
-    Columns in order of priority (small strata fit only a prefix, see ``_fit``): the first
+    Columns in order of priority (small strata fit only a prefix, see `_fit`): the first
     control of p, the first extra control, then the rest of each.
     """
     c, g = f.shape[0], out_shape.numel()
@@ -109,8 +109,8 @@ def _columns(
 def add_score_term(z: Tensor, lp: Tensor, s: Tensor, ns: int) -> Tensor:
     """Score-function gradient term with a leave-one-out baseline; its value is exactly 0.
 
-    ``z`` (c, G, v) columns, ``lp`` (c, G) ``log p_k(x)`` of each row, ``s`` (c, G) the rows'
-    strata out of ``ns``; the baseline of a row is the mean of ``f`` over the other rows of its
+    `z` (c, G, v) columns, `lp` (c, G) `log p_k(x)` of each row, `s` (c, G) the rows'
+    strata out of `ns`; the baseline of a row is the mean of `f` over the other rows of its
     stratum in the chunk (independent of the row, so the gradient stays unbiased).
     """
     if not (torch.is_grad_enabled() and lp.requires_grad):
@@ -138,7 +138,7 @@ class _Stream:
         self.dtype = _stats_dtype(sampler.dtype, sampler.device)
 
     def add(self, draw: Draw, f: Tensor, extra: Optional[Tensor], strata: Tensor) -> None:
-        """Merge one chunk: ``f`` (c, *batch_out), ``strata`` (c, bf) each row's stratum."""
+        """Merge one chunk: `f` (c, *batch_out), `strata` (c, bf) each row's stratum."""
         bp = self.sampler.batch_shape
         if self.out_shape is None:
             self.out_shape = _out_shape(f, bp, draw)
@@ -180,13 +180,13 @@ class _Stream:
 
 
 class _RowStream:
-    r"""Rows kept one by one (fewer than two per component, :class:`IntervalStrata`).
+    r"""Rows kept one by one (fewer than two per component, `IntervalStrata`).
 
     The estimate is the row mean of $f(x_i)\, w_{k_i} / \operatorname{sg}(w_{k_i})$; its
     variance is estimated by collapsing the interval strata in adjacent pairs (a triple when
-    ``N`` is odd): $\hat V = \frac{1}{N^2} \sum_g \frac{m_g}{m_g - 1} \sum_{i \in g}
+    `N` is odd): $\hat V = \frac{1}{N^2} \sum_g \frac{m_g}{m_g - 1} \sum_{i \in g}
     (y_i - \bar y_g)^2$, which overstates the variance by the spread of the pair's stratum
-    means (conservative, never understated). With ``N = 1`` nothing estimates the variance: the
+    means (conservative, never understated). With `N = 1` nothing estimates the variance: the
     standard error is NaN.
     """
 
@@ -197,7 +197,7 @@ class _RowStream:
         self.dtype = _stats_dtype(sampler.dtype, sampler.device)
 
     def add(self, draw: Draw, f: Tensor, extra: Optional[Tensor], idx: Tensor) -> None:
-        """Keep one chunk's rows: ``f`` (c, *batch_out), ``idx`` (c, bf) their components."""
+        """Keep one chunk's rows: `f` (c, *batch_out), `idx` (c, bf) their components."""
         bp, k = self.sampler.batch_shape, self.sampler.num_components
         if self.out_shape is None:
             self.out_shape = _out_shape(f, bp, draw)
@@ -271,18 +271,18 @@ def run(
     row_elements: int,
     value_range: Optional[tuple[float, float]] = None,
 ) -> Estimate:
-    """Stratified, chunked estimate of ``E_p[f]`` (see the module docstring).
+    """Stratified, chunked estimate of `E_p[f]` (see the module docstring).
 
     Args:
-        sampler: draws from ``p``'s components.
-        integrand: ``f`` and the extra controls of a chunk (see :data:`Integrand`).
+        sampler: draws from `p`'s components.
+        integrand: `f` and the extra controls of a chunk (see `Integrand`).
         num_samples: rows per batch element.
-        generator: the user's generator, or ``None`` for the global one of ``p``'s device.
-        chunk_size: rows per chunk (default: from ``MEMORY_BUDGET`` and ``row_elements``).
+        generator: the user's generator, or `None` for the global one of `p`'s device.
+        chunk_size: rows per chunk (default: from `MEMORY_BUDGET` and `row_elements`).
         use_controls: fit control variates where a stratum is large enough.
-        out_batch: the output batch shape, or ``None`` to take it from the first ``f``.
+        out_batch: the output batch shape, or `None` to take it from the first `f`.
         row_elements: tensor elements one row needs, for the chunk size.
-        value_range: bounds of ``f`` if known (see ``_fit._unseen``).
+        value_range: bounds of `f` if known (see `_fit._unseen`).
     """
     check_positive_int("num_samples", num_samples)
     if chunk_size is not None:

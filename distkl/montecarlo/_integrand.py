@@ -1,9 +1,9 @@
 r"""Integrands: $\log p(x) - \log q(x)$ with its matched-component controls, and the bounded
 per-point JSD terms.
 
-For KL against a Gaussian-family ``q`` the extra controls of a row drawn from component ``k`` of
-``p`` are $\log q_j(x) - \mathbb{E}_{p_k}[\log q_j]$ for the ``MATCHES`` components ``j`` of ``q``
-that best match ``p_k`` (the expectation is a Gaussian cross-entropy, in closed form).
+For KL against a Gaussian-family `q` the extra controls of a row drawn from component `k` of
+`p` are $\log q_j(x) - \mathbb{E}_{p_k}[\log q_j]$ for the `MATCHES` components `j` of `q`
+that best match `p_k` (the expectation is a Gaussian cross-entropy, in closed form).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ MATCHES = 3
 
 
 class KLIntegrand:
-    """``f = log p(x) - log q(x)`` on a chunk of draws, and the matched-component controls."""
+    """`f = log p(x) - log q(x)` on a chunk of draws, and the matched-component controls."""
 
     def __init__(
         self, p: Distribution, q: Distribution, sampler: Sampler, batch: torch.Size
@@ -70,7 +70,7 @@ class KLIntegrand:
         return lp - lq, extra
 
     def _extra(self, comp_q: Tensor, idx: Tensor) -> Tensor:
-        """``log q_j(x) - E_{p_k}[log q_j]`` for the matched ``j`` of each row's ``k``."""
+        """`log q_j(x) - E_{p_k}[log q_j]` for the matched `j` of each row's `k`."""
         assert self.gp is not None and self.gq is not None
         if self._matches is None:
             self._matches = best_matches(self.gp, self.gq, self.batch)
@@ -87,9 +87,9 @@ class KLIntegrand:
 def best_matches(
     gp: GaussianMixture, gq: GaussianMixture, batch: torch.Size
 ) -> tuple[Tensor, Tensor]:
-    """For each component k of p, the ``M`` components j of q maximising ``log v_j + E_k[log q_j]``.
+    """For each component k of p, the `M` components j of q maximising `log v_j + E_k[log q_j]`.
 
-    Returns ``(j (*batch, Kp, M) long, E_{p_k}[log q_j] (*batch, Kp, M))``, ``M = min(3, Kq)``.
+    Returns `(j (*batch, Kp, M) long, E_{p_k}[log q_j] (*batch, Kp, M))`, `M = min(3, Kq)`.
     """
     e = expected_log_density(gp, gq)
     kp, kq = gp.num_components, gq.num_components
@@ -102,7 +102,7 @@ def best_matches(
 def same_distribution(
     p: Distribution, q: Distribution, batch: torch.Size, device: torch.device
 ) -> Optional[Tensor]:
-    """Boolean ``batch`` mask of elements where p and q are the same distribution, or None.
+    """Boolean `batch` mask of elements where p and q are the same distribution, or None.
 
     The same object, or Gaussian families with equal parameters component by component.
     """
@@ -119,9 +119,9 @@ def same_distribution(
 
 
 def bounded_terms(log_p: Tensor, log_q: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    r"""Per-point terms ``(u, v)`` in ``[0, -log alpha]`` and ``[0, -log(1-alpha)]``.
+    r"""Per-point terms `(u, v)` in `[0, -log alpha]` and `[0, -log(1-alpha)]`.
 
-    With the posterior $\pi(x) = \alpha p(x) / m(x)$ that ``x`` came from ``p``,
+    With the posterior $\pi(x) = \alpha p(x) / m(x)$ that `x` came from `p`,
     $L(\pi) = -\pi\log\alpha - (1-\pi)\log(1-\alpha)$ and
     $\rho = \mathrm{kl}(\pi \| \alpha) / L(\pi) = 1 - H_b(\pi)/L(\pi) \in [0, 1]$,
 
@@ -131,13 +131,13 @@ def bounded_terms(log_p: Tensor, log_q: Tensor, alpha: float) -> tuple[Tensor, T
     $$
 
     because $\pi u + (1-\pi) v = \mathrm{kl}(\pi \| \alpha)$ and
-    $\mathbb{E}_m[\mathrm{kl}(\pi\|\alpha)] = \mathrm{JS}_\alpha$. At ``alpha = 1/2``,
-    ``u = v = log 2 - H_b(pi)``. The Bernoulli KL is evaluated from
+    $\mathbb{E}_m[\mathrm{kl}(\pi\|\alpha)] = \mathrm{JS}_\alpha$. At `alpha = 1/2`,
+    `u = v = log 2 - H_b(pi)`. The Bernoulli KL is evaluated from
     $\delta = \log p - \log q$ as
     $\pi \log\frac{\pi}{\alpha} + (1-\pi)\log\frac{1-\pi}{1-\alpha}$ with
     $\log\frac{\pi}{\alpha} = -\log(1 + (1-\alpha)(e^{-\delta} - 1))$ and
     $\log\frac{1-\pi}{1-\alpha} = -\log(1 + \alpha(e^{\delta} - 1))$, so it is exactly 0
-    where ``p(x) = q(x)`` (``p = q`` gives exactly 0) and accurate near it.
+    where `p(x) = q(x)` (`p = q` gives exactly 0) and accurate near it.
     """
     # |delta| > 1e4 changes nothing visible (pi is 0 or 1 to any precision); +-inf (a point
     # outside one support) would give 0 * inf.
@@ -150,7 +150,7 @@ def bounded_terms(log_p: Tensor, log_q: Tensor, alpha: float) -> tuple[Tensor, T
 
 
 def log_density(d: Distribution) -> Callable[[Tensor], Tensor]:
-    """``d``'s log-density as a function of ``x (n, *batch, *event)``; GEMM-based for Gaussians."""
+    """`d`'s log-density as a function of `x (n, *batch, *event)`; GEMM-based for Gaussians."""
     if is_gaussian_family(d):
         return gaussian_scorer(as_gaussian_mixture(d)).log_prob
     return d.log_prob

@@ -9,12 +9,12 @@ __all__ = ["StratumMoments"]
 
 
 class StratumMoments:
-    """Streaming count / mean / co-moment per (stratum, group) of vectors ``z``.
+    """Streaming count / mean / co-moment per (stratum, group) of vectors `z`.
 
-    The rows of a chunk fall into different strata (``s`` gives each row's), so the merge is a
+    The rows of a chunk fall into different strata (`s` gives each row's), so the merge is a
     scatter over strata of Chan, Golub & LeVeque's (1979) pairwise update, on vectors
     (co-moments, not only variances). Means keep their autograd graph (the estimate is
-    differentiable); co-moments are detached. :class:`distkl._stats.StreamingMoments` is the
+    differentiable); co-moments are detached. `distkl._stats.StreamingMoments` is the
     plain, unstratified case.
     """
 
@@ -27,7 +27,7 @@ class StratumMoments:
         self.m2 = torch.zeros(strata, groups, width, width, dtype=dtype, device=device)
 
     def update(self, s: Tensor, z: Tensor) -> None:
-        """Merge the rows ``z`` (c, G, width) whose strata are ``s`` (c, G)."""
+        """Merge the rows `z` (c, G, width) whose strata are `s` (c, G)."""
         c, g, v = z.shape
         sv = s.unsqueeze(-1).expand(c, g, v)
         cnt = torch.zeros_like(self.n).scatter_add_(0, s, torch.ones_like(s, dtype=self.n.dtype))

@@ -1,8 +1,8 @@
-"""Samplers: draw ``x`` from given mixture components, with their zero-mean controls.
+"""Samplers: draw `x` from given mixture components, with their zero-mean controls.
 
-Two implementations of one :class:`Sampler` interface: :class:`GaussianSampler` (reparameterized
-draws from a :class:`~distkl._gaussian.GaussianMixture`, from base noise) and
-:class:`GenericSampler` (any distribution with ``rsample`` or ``sample``; a mixture by its
+Two implementations of one `Sampler` interface: `GaussianSampler` (reparameterized
+draws from a `GaussianMixture`, from base noise) and
+`GenericSampler` (any distribution with `rsample` or `sample`; a mixture by its
 components).
 """
 
@@ -20,8 +20,8 @@ from distkl._rng import rng_scope
 
 __all__ = ["Draw", "Sampler", "GaussianSampler", "GenericSampler", "make_sampler", "noise_controls"]
 
-#: ``rows(k)``: the span ``[lo, hi)`` of the chunk's rows where component ``k`` is drawn for
-#: some batch element (rows outside it never hold ``k``).
+#: `rows(k)`: the span `[lo, hi)` of the chunk's rows where component `k` is drawn for
+#: some batch element (rows outside it never hold `k`).
 RowSpan = Callable[[int], "tuple[int, int]"]
 
 
@@ -57,12 +57,12 @@ class Sampler(Protocol):
         generator: Optional[torch.Generator],
         controls: bool = True,
     ) -> Draw:
-        """Draw row ``i`` of batch element ``b`` from component ``idx[i, b]`` (``idx`` (c, bf))."""
+        """Draw row `i` of batch element `b` from component `idx[i, b]` (`idx` (c, bf))."""
         ...
 
 
 class GaussianSampler:
-    """Stratified reparameterized draws from a :class:`GaussianMixture`."""
+    """Stratified reparameterized draws from a `GaussianMixture`."""
 
     reparameterized = True
 
@@ -115,7 +115,7 @@ class GaussianSampler:
         return Draw(x, own.reshape(c, *self.batch_shape, own.shape[-1]), None)
 
     def _full_noise(self, idx: Tensor, eps: Tensor, rows: RowSpan) -> Tensor:
-        """``L_k eps`` row by row, component by component on the rows that may hold it."""
+        """`L_k eps` row by row, component by component on the rows that may hold it."""
         assert self._tril is not None
         noise = torch.zeros_like(eps)
         for k in range(self.num_components):
@@ -130,9 +130,9 @@ class GaussianSampler:
 
 
 def noise_controls(eps: Tensor) -> Tensor:
-    r"""Zero-mean functions of the standard normal noise ``eps`` (c, bf, D) -> (c, bf, m).
+    r"""Zero-mean functions of the standard normal noise `eps` (c, bf, D) -> (c, bf, m).
 
-    Always $\log p_k(x) + H(p_k) = (D - \|\epsilon\|^2) / 2$; for ``D <= 8`` also the
+    Always $\log p_k(x) + H(p_k) = (D - \|\epsilon\|^2) / 2$; for `D <= 8` also the
     coordinates $\epsilon_d$ (the linear term of the integrand). Higher Hermite polynomials
     would cut the variance further in 1-D, but their heavy tails make the cross-fitted standard
     error overconfident (measured: 95% intervals covering 80-85%), so they are not used.
@@ -145,7 +145,7 @@ def noise_controls(eps: Tensor) -> Tensor:
 
 
 class GenericSampler:
-    """Stratified draws from any distribution with ``sample`` (a mixture by its components)."""
+    """Stratified draws from any distribution with `sample` (a mixture by its components)."""
 
     def __init__(self, p: Distribution) -> None:
         self.p = p
@@ -212,7 +212,7 @@ class GenericSampler:
         return Draw(x, self_control, None if self.reparameterized else lp)
 
     def _component_log_prob(self, x: Tensor, idx: Tensor) -> Tensor:
-        """``log p_k(x)`` of each row's own component, shape ``(c, *batch)``."""
+        """`log p_k(x)` of each row's own component, shape `(c, *batch)`."""
         if not self.mixture:
             return self.component.log_prob(x)
         c, bf = idx.shape
@@ -230,7 +230,7 @@ def _some_tensor(d: Distribution) -> Tensor:
 
 
 def make_sampler(p: Distribution, batch_shape: Optional[torch.Size] = None) -> Sampler:
-    """The sampler for ``p`` (expanded to ``batch_shape`` first when given)."""
+    """The sampler for `p` (expanded to `batch_shape` first when given)."""
     if is_gaussian_family(p):
         gm = as_gaussian_mixture(p, role="p")
         if batch_shape is not None:

@@ -11,11 +11,11 @@ from torch import Tensor
 __all__ = ["Strata", "IntervalStrata", "allocate", "MIN_FOLD_FOR_CONTROLS", "MIN_FOLD_PER_CONTROL"]
 
 #: A stratum's controls are fitted only when each of its two folds has at least
-#: ``MIN_FOLD_FOR_CONTROLS`` samples, and then only as many controls (in order of priority) as
-#: the fold has multiples of ``MIN_FOLD_PER_CONTROL`` samples. The residual of a
+#: `MIN_FOLD_FOR_CONTROLS` samples, and then only as many controls (in order of priority) as
+#: the fold has multiples of `MIN_FOLD_PER_CONTROL` samples. The residual of a
 #: good fit is skewed (the overlap of mixture components leaves softplus-shaped tails), and below
 #: about a hundred samples per fold its 95% intervals cover only 80-89% (measured with
-#: ``benchmarks/bench_mc_variance.py``); the plain stratified mean covers 94%.
+#: `benchmarks/bench_mc_variance.py`); the plain stratified mean covers 94%.
 MIN_FOLD_FOR_CONTROLS = 128
 MIN_FOLD_PER_CONTROL = 16
 #: Fewest samples a positive-weight stratum gets when the budget allows (at most 1/16 of the
@@ -24,9 +24,9 @@ MIN_PER_STRATUM = 64
 
 
 class Strata:
-    """Proportional allocation of ``N`` samples to components, per batch element of ``p``.
+    """Proportional allocation of `N` samples to components, per batch element of `p`.
 
-    Component ``k`` of batch element ``b`` owns the sample rows ``[start[b, k], end[b, k])``;
+    Component `k` of batch element `b` owns the sample rows `[start[b, k], end[b, k])`;
     inside a stratum, rows alternate between fold 0 and fold 1.
     """
 
@@ -69,7 +69,7 @@ class Strata:
         order = torch.argsort(torch.argsort(share - floor, dim=-1, descending=True), dim=-1)
         counts = base + floor.long() + (order < left).long()
         self.counts = counts.to(log_weights.device)  # (bf, K)
-        #: Largest stratum; a stratum of ``n`` rows has folds of ``ceil(n/2)`` and ``floor(n/2)``.
+        #: Largest stratum; a stratum of `n` rows has folds of `ceil(n/2)` and `floor(n/2)`.
         self.max_count = int(counts.max())
         self.end = counts.cumsum(-1).to(log_weights.device)
         self.start = self.end - self.counts
@@ -77,7 +77,7 @@ class Strata:
         self._end_max = self.end.amax(0).tolist()
 
     def assign(self, first: int, last: int) -> tuple[Tensor, Tensor]:
-        """Component ``(c, bf)`` and fold ``(c, bf)`` of rows ``first..last-1``."""
+        """Component `(c, bf)` and fold `(c, bf)` of rows `first..last-1`."""
         bf = self.end.shape[0]
         rows = torch.arange(first, last, device=self.end.device)
         if self.single:  # component 0 from row 0: the fold is the row's parity
@@ -88,22 +88,22 @@ class Strata:
         return idx.contiguous(), fold
 
     def can_fit_controls(self) -> bool:
-        """Whether some stratum has both folds of ``MIN_FOLD_FOR_CONTROLS`` rows (see ``_fit``).
+        """Whether some stratum has both folds of `MIN_FOLD_FOR_CONTROLS` rows (see `_fit`).
 
-        When none has, ``_fit.combine`` returns the plain stratified mean and variance whatever
-        the control columns hold (the moments of ``f`` do not depend on them), so the engine
+        When none has, `_fit.combine` returns the plain stratified mean and variance whatever
+        the control columns hold (the moments of `f` do not depend on them), so the engine
         skips building, streaming and fitting the controls: the same value and standard error
         for less work.
         """
         return self.max_count // 2 >= MIN_FOLD_FOR_CONTROLS
 
     def row_range(self, k: int, first: int, last: int) -> tuple[int, int]:
-        """Rows in ``[first, last)`` where component ``k`` is drawn for some batch element."""
+        """Rows in `[first, last)` where component `k` is drawn for some batch element."""
         return max(first, int(self._start_min[k])), min(last, int(self._end_max[k]))
 
     def row_span(self, first: int, last: int) -> Callable[[int], tuple[int, int]]:
-        """``k -> [lo, hi)``: the rows of chunk ``[first, last)`` (chunk-relative) that may hold
-        component ``k``."""
+        """`k -> [lo, hi)`: the rows of chunk `[first, last)` (chunk-relative) that may hold
+        component `k`."""
 
         def span(k: int) -> tuple[int, int]:
             lo, hi = self.row_range(k, first, last)
@@ -113,17 +113,17 @@ class Strata:
 
 
 class IntervalStrata:
-    r"""Fewer than two samples per component: stratify the weights' CDF as far as ``N`` allows.
+    r"""Fewer than two samples per component: stratify the weights' CDF as far as `N` allows.
 
-    Row ``i`` of batch element ``b`` draws its component at $u_i = (i + U_i) / N$,
+    Row `i` of batch element `b` draws its component at $u_i = (i + U_i) / N$,
     $U_i \sim \mathcal{U}(0, 1)$ independent: the component whose interval of the cumulative
     weights holds $u_i$. Each row is its own stratum (an interval of width $1/N$); component
-    ``k`` is drawn $N w_k$ times in expectation, so $\frac1N \sum_i f(x_i)$ is unbiased for
+    `k` is drawn $N w_k$ times in expectation, so $\frac1N \sum_i f(x_i)$ is unbiased for
     $\sum_k w_k \mathbb{E}_{p_k}[f]$. The weights enter through the ratio
     $w_{k_i} / \operatorname{sg}(w_{k_i})$ (value 1), which keeps their gradient unbiased.
 
     Source: stratified sampling of the inverse CDF, Owen (2013), "Monte Carlo theory, methods and
-    examples", ch. 10.1; the collapsed-strata variance estimator (see ``_engine``): Cochran
+    examples", ch. 10.1; the collapsed-strata variance estimator (see `_engine`): Cochran
     (1977), "Sampling Techniques", 3rd ed., sec. 5A.12.
     """
 
@@ -148,7 +148,7 @@ class IntervalStrata:
         self.idx = torch.minimum(idx, last).T.contiguous()  # (N, bf)
 
     def assign(self, first: int, last: int) -> tuple[Tensor, Tensor]:
-        """Component ``(c, bf)`` of rows ``first..last-1`` (and fold 0: rows are not folded)."""
+        """Component `(c, bf)` of rows `first..last-1` (and fold 0: rows are not folded)."""
         idx = self.idx[first:last]
         return idx, torch.zeros_like(idx)
 
@@ -163,7 +163,7 @@ def allocate(
     log_weights: Tensor, num_samples: int, single: bool, generator: Optional[torch.Generator]
 ) -> Union[Strata, IntervalStrata]:
     """Proportional allocation when every positive-weight component can get two samples,
-    interval stratification (:class:`IntervalStrata`) otherwise."""
+    interval stratification (`IntervalStrata`) otherwise."""
     if single:
         return Strata(log_weights, num_samples, single=True)
     k = log_weights.shape[-1]

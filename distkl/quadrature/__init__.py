@@ -1,6 +1,6 @@
-r"""Deterministic 1-D ``KL(p || q)`` and ``JS_alpha(p, q)`` (nats) of scalar Gaussian mixtures.
+r"""Deterministic 1-D `KL(p || q)` and `JS_alpha(p, q)` (nats) of scalar Gaussian mixtures.
 
-Every supported family (``Normal`` and ``MixtureSameFamily(Normal)``, or any Normal-family
+Every supported family (`Normal` and `MixtureSameFamily(Normal)`, or any Normal-family
 distribution whose event has one element) is a 1-D Gaussian mixture
 
 $$
@@ -8,17 +8,17 @@ p(x) = \sum_k w_k\, \mathcal{N}(x; \mu_k, \sigma_k^2), \qquad
 q(x) = \sum_j v_j\, \mathcal{N}(x; \nu_j, \tau_j^2).
 $$
 
-**The rule.** A composite Gauss-Legendre rule over breakpoints. Every component of ``p`` and of
-``q`` contributes the breakpoints $\mu_k + c\,\sigma_k$,
+**The rule.** A composite Gauss-Legendre rule over breakpoints. Every component of `p` and of
+`q` contributes the breakpoints $\mu_k + c\,\sigma_k$,
 $c \in \{0, \pm 0.75, \pm 1.5, \pm 2.25, \pm 3, \pm 4, \pm 5, \pm 6.5, \pm 8.5, \pm 12\}$, and every
 pair of components of one mixture contributes the points where their weighted densities cross,
 $r$, with $r + c\,\delta$, $c \in \{\pm 1, \pm 3, \pm 10\}$, $\delta = 1/|\ell_i'(r) - \ell_j'(r)|$
 the width of the near-kink of $\log q$ (or $\log p$) where its dominant component switches.
-Each interval between consecutive breakpoints gets ``ceil(nodes / 18)`` Gauss-Legendre nodes.
+Each interval between consecutive breakpoints gets `ceil(nodes / 18)` Gauss-Legendre nodes.
 Outside $\mu \pm 12\sigma$ of every component both densities are below $e^{-72}$ of their peaks.
 
 **The integrands** are pointwise non-negative and second order in $\log p - \log q$, so a
-small divergence keeps its relative accuracy (and ``KL(p || p)`` is exactly 0):
+small divergence keeps its relative accuracy (and `KL(p || p)` is exactly 0):
 
 $$
 \mathrm{KL}(p \| q) = \int p\,\bigl(f + e^{-f} - 1\bigr)\,dx, \qquad f = \log p - \log q,
@@ -32,25 +32,25 @@ $$
 
 where $\mathrm{kl}$ is the KL divergence between Bernoulli distributions.
 
-**Accuracy** (float64, default 128 nodes; ``tests/test_quadrature.py``). Against
-``scipy.integrate.quad`` (relative tolerance 1e-12, breakpoints at every component and crossing)
+**Accuracy** (float64, default 128 nodes; `tests/test_quadrature.py`). Against
+`scipy.integrate.quad` (relative tolerance 1e-12, breakpoints at every component and crossing)
 on 100 seeded random pairs (up to 4 components each, means $N(0, 3^2)$, scales log-uniform on
 [1e-3, 1e2]): worst relative error 1.2e-11 for KL and 1.9e-11 for JSD (before the crossing
-breakpoints: 13 of 100 above 1e-7). The hard cases against ``mpmath.quad`` at 30 digits stay
+breakpoints: 13 of 100 above 1e-7). The hard cases against `mpmath.quad` at 30 digits stay
 below 1e-8. The tests assert 1e-9 on fresh seeded pairs.
 
-**Single Normal ``p``** (a Bayesian network's posterior against a scale-mixture prior):
-:func:`kl_quadrature` splits ``log q`` into its upper envelope, integrated in closed form, and
-a remainder that lives near the crossings, integrated by a composite rule with
-``ceil(nodes / 16)`` nodes per interval (see ``distkl/quadrature/_normal.py``). Against the
+**Single Normal `p`** (a Bayesian network's posterior against a scale-mixture prior):
+[`kl_quadrature`][distkl.kl_quadrature] splits `log q` into its upper envelope, integrated in closed
+form, and a remainder that lives near the crossings, integrated by a composite rule with
+`ceil(nodes / 16)` nodes per interval (see `distkl/quadrature/_normal.py`). Against the
 512-node composite rule: worst relative error 1.1e-8 over 4 x 300 random pairs (K = 1..4,
 scales 1e-3..1e2) and 1.8e-11 on Blundell et al.'s prior (posterior scales 1e-5..1) with the
-default 128 nodes; with ``nodes=48``: 3.3e-6 on Blundell's prior, 4.4e-4 on random pairs.
+default 128 nodes; with `nodes=48`: 3.3e-6 on Blundell's prior, 4.4e-4 on random pairs.
 Cost: about 300 nodes per weight at the default, so a 10^6-weight network is far slower than a
-single-sample estimate (``benchmarks/bench_1d_network.py``); use ``method="mc"`` in a training
+single-sample estimate (`benchmarks/bench_1d_network.py`); use `method="mc"` in a training
 loop where that matters.
 
-All functions here compile under ``torch.compile(fullgraph=True)``.
+All functions here compile under `torch.compile(fullgraph=True)`.
 """
 
 from distkl.quadrature._api import expect_1d, jsd_quadrature, kl_composite, kl_quadrature

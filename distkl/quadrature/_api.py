@@ -1,4 +1,4 @@
-"""Public quadrature functions: ``kl_quadrature``, ``jsd_quadrature``, ``expect_1d``."""
+"""Public quadrature functions: `kl_quadrature`, `jsd_quadrature`, `expect_1d`."""
 
 from __future__ import annotations
 
@@ -27,33 +27,34 @@ __all__ = ["kl_quadrature", "kl_composite", "jsd_quadrature", "expect_1d"]
 
 
 def kl_quadrature(p: Distribution, q: Distribution, *, nodes: int = 128) -> Tensor:
-    r"""``KL(p || q)`` in nats of scalar Gaussian mixtures, by composite Gauss-Legendre quadrature.
+    r"""`KL(p || q)` in nats of scalar Gaussian mixtures, by composite Gauss-Legendre quadrature.
 
-    .. math::
-        \mathrm{KL}(p \| q) = \int p(x)\,\bigl(f(x) + e^{-f(x)} - 1\bigr)\,dx,
-        \qquad f = \log p - \log q
+    $$
+    \mathrm{KL}(p \| q) = \int p(x)\,\bigl(f(x) + e^{-f(x)} - 1\bigr)\,dx,
+    \qquad f = \log p - \log q
+    $$
 
-    Deterministic and differentiable. When ``p`` is a single Normal, the upper envelope of
-    ``log q`` is integrated in closed form and only the remainder by quadrature
-    (``distkl/quadrature/_normal.py``). See the package docstring for the rules and their
+    Deterministic and differentiable. When `p` is a single Normal, the upper envelope of
+    `log q` is integrated in closed form and only the remainder by quadrature
+    (`distkl/quadrature/_normal.py`). See the package docstring for the rules and their
     measured accuracy.
 
     Args:
         p: the first distribution.
-        q: the second distribution, with the same event shape. Both are ``Normal``,
-            ``MixtureSameFamily(Normal)``, or any Normal-family distribution (or mixture of
+        q: the second distribution, with the same event shape. Both are `Normal`,
+            `MixtureSameFamily(Normal)`, or any Normal-family distribution (or mixture of
             them) whose event has a single element.
-        nodes: quadrature nodes per mixture component (of ``p`` and of ``q``); default 128.
+        nodes: quadrature nodes per mixture component (of `p` and of `q`); default 128.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Raises:
         ValueError: different event shapes, or events with more than one element.
         NotImplementedError: a family other than the Normal family and its mixtures.
 
     Source: Gauss-Legendre quadrature (Davis & Rabinowitz, *Methods of Numerical Integration*,
-    1984, sec. 2.7); the non-negative integrand uses :math:`\int (q - p) = 0`.
+    1984, sec. 2.7); the non-negative integrand uses $\int (q - p) = 0$.
     """
     nodes = check_positive_int("nodes", nodes)
     mp, mq, dtype = float64_pair(p, q)
@@ -66,18 +67,18 @@ def kl_quadrature(p: Distribution, q: Distribution, *, nodes: int = 128) -> Tens
 
 
 def kl_composite(p: Distribution, q: Distribution, *, nodes: int = 128) -> Tensor:
-    r"""``KL(p || q)`` in nats by the composite Gauss-Legendre rule alone, whatever ``p`` is.
+    r"""`KL(p || q)` in nats by the composite Gauss-Legendre rule alone, whatever `p` is.
 
-    :func:`kl_quadrature` uses it unless ``p`` is a single Normal; with many ``nodes`` it is the
-    high-order reference the single-Normal rule is tested against.
+    [`kl_quadrature`][distkl.kl_quadrature] uses it unless `p` is a single Normal; with many `nodes`
+    it is the high-order reference the single-Normal rule is tested against.
 
     Args:
         p: the first distribution.
-        q: the second distribution; both as for :func:`kl_quadrature`.
+        q: the second distribution; both as for [`kl_quadrature`][distkl.kl_quadrature].
         nodes: quadrature nodes per mixture component; default 128.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
     """
     nodes = check_positive_int("nodes", nodes)
     mp, mq, dtype = float64_pair(p, q)
@@ -91,37 +92,38 @@ def _composite_kl(mp: GaussianMixture, mq: GaussianMixture, nodes: int) -> Tenso
 
 
 def _nodes_for(mp: GaussianMixture, mq: GaussianMixture, nodes: int) -> tuple[Tensor, Tensor]:
-    """The composite rule resolving every component and crossing of ``p`` and of ``q``."""
+    """The composite rule resolving every component and crossing of `p` and of `q`."""
     return composite_rule(nodes, (mp.log_weights, *loc_scale(mp)), (mq.log_weights, *loc_scale(mq)))
 
 
 def jsd_quadrature(
     p: Distribution, q: Distribution, *, skew: float = 0.5, nodes: int = 128
 ) -> Tensor:
-    r"""``JS_alpha(p, q)`` in nats of scalar Gaussian mixtures, by composite Gauss-Legendre rules.
+    r"""`JS_alpha(p, q)` in nats of scalar Gaussian mixtures, by composite Gauss-Legendre rules.
 
-    .. math::
-        \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m)
-        = \int m(x)\,\mathrm{kl}\Bigl(\frac{\alpha p(x)}{m(x)} \Big\| \alpha\Bigr)\,dx,
-        \quad m = \alpha p + (1-\alpha) q,
+    $$
+    \mathrm{JS}_\alpha(p, q) = \alpha\,\mathrm{KL}(p \| m) + (1-\alpha)\,\mathrm{KL}(q \| m)
+    = \int m(x)\,\mathrm{kl}\Bigl(\frac{\alpha p(x)}{m(x)} \Big\| \alpha\Bigr)\,dx,
+    \quad m = \alpha p + (1-\alpha) q,
+    $$
 
-    with :math:`\alpha` = ``skew`` and :math:`\mathrm{kl}` the Bernoulli KL divergence. The
-    integrand is non-negative, so the result lies in :math:`[0, H(\alpha)]`; it is clamped to
-    :math:`H(\alpha)` only where rounding would push it above.
+    with $\alpha$ = `skew` and $\mathrm{kl}$ the Bernoulli KL divergence. The
+    integrand is non-negative, so the result lies in $[0, H(\alpha)]$; it is clamped to
+    $H(\alpha)$ only where rounding would push it above.
 
     Args:
         p: the first distribution.
         q: the second distribution, with the same event shape; both as for
-            :func:`kl_quadrature`.
-        skew: :math:`\alpha \in (0, 1)`, the weight of ``p`` in ``m`` (default 0.5: the JSD).
+            [`kl_quadrature`][distkl.kl_quadrature].
+        skew: $\alpha \in (0, 1)$, the weight of `p` in `m` (default 0.5: the JSD).
         nodes: quadrature nodes per mixture component; default 128.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1), eq. (4.1) for the skewed JSD; the
     integrand is the pointwise identity
-    :math:`\alpha p \log\frac{p}{m} + (1-\alpha) q \log\frac{q}{m} = m\,\mathrm{kl}(\pi\|\alpha)`.
+    $\alpha p \log\frac{p}{m} + (1-\alpha) q \log\frac{q}{m} = m\,\mathrm{kl}(\pi\|\alpha)$.
     """
     alpha = check_skew(skew)
     nodes = check_positive_int("nodes", nodes)
@@ -141,23 +143,24 @@ def jsd_quadrature(
 
 
 def expect_1d(p: Distribution, fn: Callable[[Tensor], Tensor], *, nodes: int = 128) -> Tensor:
-    r"""``E_p[fn(X)]`` for a scalar Gaussian mixture ``p``, by composite Gauss-Legendre quadrature.
+    r"""`E_p[fn(X)]` for a scalar Gaussian mixture `p`, by composite Gauss-Legendre quadrature.
 
-    .. math::
-        \mathbb{E}_p[\mathrm{fn}(X)] \approx \sum_i \omega_i\, p(x_i)\, \mathrm{fn}(x_i)
+    $$
+    \mathbb{E}_p[\mathrm{fn}(X)] \approx \sum_i \omega_i\, p(x_i)\, \mathrm{fn}(x_i)
+    $$
 
-    over the breakpoints of ``p``'s components only: ``fn`` should be smooth on the scale of
-    those components (for ``fn = q.log_prob`` with sharp features of its own, use
-    :func:`kl_quadrature`, whose rule also resolves ``q``).
+    over the breakpoints of `p`'s components only: `fn` should be smooth on the scale of
+    those components (for `fn = q.log_prob` with sharp features of its own, use
+    [`kl_quadrature`][distkl.kl_quadrature], whose rule also resolves `q`).
 
     Args:
-        p: ``Normal`` or ``MixtureSameFamily(Normal)`` (any Normal family with a 1-element event).
-        fn: called once with ``x`` of shape ``(N, *p.batch_shape)`` (plus ``p.event_shape``),
-            like ``Distribution.log_prob``; returns a tensor of the same shape.
+        p: `Normal` or `MixtureSameFamily(Normal)` (any Normal family with a 1-element event).
+        fn: called once with `x` of shape `(N, *p.batch_shape)` (plus `p.event_shape`),
+            like `Distribution.log_prob`; returns a tensor of the same shape.
         nodes: quadrature nodes per mixture component; default 128.
 
     Returns:
-        Tensor of shape ``p.batch_shape``.
+        Tensor of shape `p.batch_shape`.
     """
     nodes = check_positive_int("nodes", nodes)
     mp = scalar_mixture(p, "p")

@@ -1,4 +1,4 @@
-r"""Pointwise integrands of :mod:`distkl.quadrature`: non-negative, second order near ``p = q``."""
+r"""Pointwise integrands of `distkl.quadrature`: non-negative, second order near `p = q`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ __all__ = ["kl_integrand", "kl_bernoulli_logit"]
 
 
 def kl_integrand(f: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
-    r"""Pointwise :math:`p(f + e^{-f} - 1) = p\log\frac pq + q - p \ge 0`, :math:`f = \log\frac pq`.
+    r"""Pointwise $p(f + e^{-f} - 1) = p\log\frac pq + q - p \ge 0$, $f = \log\frac pq$.
 
-    Where ``p`` is 0 it is ``q``; where ``q`` is 0 and ``p`` is not, ``+inf``. Every branch sees
+    Where `p` is 0 it is `q`; where `q` is 0 and `p` is not, `+inf`. Every branch sees
     finite inputs, so gradients are finite wherever the value is.
     """
     finite = torch.isfinite(f)
@@ -50,13 +50,13 @@ def kl_integrand(f: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def kl_bernoulli_logit(t: Tensor, alpha: float) -> Tensor:
-    r""":math:`\mathrm{kl}(\sigma(c + t) \,\|\, \sigma(c))`, :math:`c = \operatorname{logit}\alpha`.
+    r"""$\mathrm{kl}(\sigma(c + t) \,\|\, \sigma(c))$, $c = \operatorname{logit}\alpha$.
 
-    The Bregman divergence of softplus: :math:`A(c) - A(c+t) + t\,\sigma(c+t)`; for
-    :math:`|t| < 10^{-3}` its Taylor series :math:`\sum_{n \ge 2} \frac{n-1}{n!} t^n A^{(n)}(c)`
-    up to :math:`n = 5` (relative truncation error below 2e-14). For :math:`\alpha > 1/2` the
-    mirror image :math:`\mathrm{kl}(1 - \pi \,\|\, 1 - \alpha)` is evaluated, so ``c <= 0``
-    and :math:`A(c)` never cancels against :math:`A(c + t)` (a skew of ``1 - 1e-16`` gave a
+    The Bregman divergence of softplus: $A(c) - A(c+t) + t\,\sigma(c+t)$; for
+    $|t| < 10^{-3}$ its Taylor series $\sum_{n \ge 2} \frac{n-1}{n!} t^n A^{(n)}(c)$
+    up to $n = 5$ (relative truncation error below 2e-14). For $\alpha > 1/2$ the
+    mirror image $\mathrm{kl}(1 - \pi \,\|\, 1 - \alpha)$ is evaluated, so `c <= 0`
+    and $A(c)$ never cancels against $A(c + t)$ (a skew of `1 - 1e-16` gave a
     negative JSD).
     """
     if alpha > 0.5:  # kl(pi || alpha) = kl(1 - pi || 1 - alpha); keeps c <= 0 (no cancellation)

@@ -1,4 +1,4 @@
-r"""``KL(p || q)`` in nats of one Normal ``p`` against a scalar Gaussian mixture ``q``: fast path.
+r"""`KL(p || q)` in nats of one Normal `p` against a scalar Gaussian mixture `q`: fast path.
 
 With $x = \mu + \sigma z$, $\ell_j(z) = \log v_j + \log\mathcal N(x; \nu_j, \tau_j^2)$ and the
 upper envelope $\ell^*(z) = \max_j \ell_j(z)$,
@@ -60,21 +60,21 @@ def _mass(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _z_phi(z: Tensor) -> Tensor:
-    """``z * phi(z)``, 0 at infinite ``z``."""
+    """`z * phi(z)`, 0 at infinite `z`."""
     finite = torch.isfinite(z)
     zf = torch.where(finite, z, torch.zeros_like(z))
     return torch.where(finite, zf * _phi(zf), torch.zeros_like(z))
 
 
 def _log_components(z: Tensor, mu, sigma, log_v, nu, tau) -> Tensor:
-    """``l_j(z)`` of shape ``(*batch, N, K)`` for ``z`` of shape ``(*batch, N)``."""
+    """`l_j(z)` of shape `(*batch, N, K)` for `z` of shape `(*batch, N)`."""
     x = mu.unsqueeze(-1) + sigma.unsqueeze(-1) * z
     u = (x.unsqueeze(-1) - nu.unsqueeze(-2)) / tau.unsqueeze(-2)
     return (log_v - tau.log()).unsqueeze(-2) - 0.5 * u.square() - _LOG_SQRT_2PI
 
 
 def _envelope_term(mu, sigma, log_v, nu, tau, roots_z: Tensor) -> Tensor:
-    """``E_phi[log p - l*]`` in closed form over the intervals between sorted ``roots_z``."""
+    """`E_phi[log p - l*]` in closed form over the intervals between sorted `roots_z`."""
     inf = roots_z.new_full((*roots_z.shape[:-1], 1), math.inf)
     edges = torch.cat([-inf, roots_z.sort(-1).values, inf], -1)  # NaN roots sort last
     edges = torch.where(torch.isnan(edges), inf, edges)
@@ -97,7 +97,7 @@ def _envelope_term(mu, sigma, log_v, nu, tau, roots_z: Tensor) -> Tensor:
 
 
 def _remainder(mu, sigma, log_v, nu, tau, roots_z, widths_z, n: int) -> Tensor:
-    r"""``E_phi[r]``, $r = \log\sum_j e^{\ell_j} - \max_j \ell_j$, by the composite rule."""
+    r"""`E_phi[r]`, $r = \log\sum_j e^{\ell_j} - \max_j \ell_j$, by the composite rule."""
     grid = torch.tensor(_GRID, dtype=mu.dtype, device=mu.device).expand(*mu.shape, -1)
     near = torch.tensor(_NEAR, dtype=mu.dtype, device=mu.device)
     # Features of r: the crossings (kinks) and each component of q (a bump where a component
@@ -122,15 +122,15 @@ def _remainder(mu, sigma, log_v, nu, tau, roots_z, widths_z, n: int) -> Tensor:
 def kl_normal_mixture_tensors(
     mu: Tensor, sigma: Tensor, log_v: Tensor, nu: Tensor, tau: Tensor, *, n: int = 3
 ) -> Tensor:
-    r"""``KL(N(mu, sigma^2) || sum_j v_j N(nu_j, tau_j^2))`` in nats from broadcast tensors.
+    r"""`KL(N(mu, sigma^2) || sum_j v_j N(nu_j, tau_j^2))` in nats from broadcast tensors.
 
     Args:
-        mu, sigma: ``(*batch,)``, the Normal ``p``.
-        log_v, nu, tau: ``(*batch, K)``, the mixture ``q`` (normalised log-weights).
+        mu, sigma: `(*batch,)`, the Normal `p`.
+        log_v, nu, tau: `(*batch, K)`, the mixture `q` (normalised log-weights).
         n: Gauss-Legendre nodes per interval of the remainder's rule.
 
     Returns:
-        Tensor of shape ``(*batch,)``, in the dtype of the inputs (float64 recommended).
+        Tensor of shape `(*batch,)`, in the dtype of the inputs (float64 recommended).
     """
     if mu.numel() <= CHUNK or torch.compiler.is_compiling():
         return _kl_normal_mixture(mu, sigma, log_v, nu, tau, n)

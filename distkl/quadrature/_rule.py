@@ -1,6 +1,6 @@
-r"""The composite Gauss-Legendre rule of :mod:`distkl.quadrature` and the log-densities it needs.
+r"""The composite Gauss-Legendre rule of `distkl.quadrature` and the log-densities it needs.
 
-Every function here is traceable by ``torch.compile(fullgraph=True)``: the Gauss-Legendre
+Every function here is traceable by `torch.compile(fullgraph=True)`: the Gauss-Legendre
 nodes are Python constants computed at import, shapes depend only on the number of components,
 and no value is read back to Python.
 """
@@ -34,11 +34,11 @@ __all__ = [
 OFFSETS = (0.0, 0.75, 1.5, 2.25, 3.0, 4.0, 5.0, 6.5, 8.5, 12.0)
 INTERVALS_PER_COMPONENT = 2 * (len(OFFSETS) - 1)
 #: Breakpoints around a crossing of two components' weighted densities, in units of the
-#: crossing's width ``1 / |slope difference of the two log-densities|``.
+#: crossing's width `1 / |slope difference of the two log-densities|`.
 CROSSING_OFFSETS = (-10.0, -3.0, -1.0, 0.0, 1.0, 3.0, 10.0)
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 #: Gauss-Legendre rules with up to this many nodes per interval are tabulated at import, so
-#: that a compiled graph reads constants (``nodes`` up to 18 * 64 = 1152 per component).
+#: that a compiled graph reads constants (`nodes` up to 18 * 64 = 1152 per component).
 MAX_NODES_PER_INTERVAL = 64
 _LEGENDRE: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {}
 
@@ -52,14 +52,14 @@ _LEGENDRE.update({n: _tabulate(n) for n in range(1, MAX_NODES_PER_INTERVAL + 1)}
 
 
 def legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Gauss-Legendre nodes and weights on ``[-1, 1]`` as Python floats (tabulated up to 64)."""
+    """Gauss-Legendre nodes and weights on `[-1, 1]` as Python floats (tabulated up to 64)."""
     if n not in _LEGENDRE:  # eager only: a compiled graph uses the table
         _LEGENDRE[n] = _tabulate(n)
     return _LEGENDRE[n]
 
 
 def scalar_mixture(d: Distribution, role: str) -> GaussianMixture:
-    """The canonical mixture of ``d``; ``ValueError`` unless its event has one element."""
+    """The canonical mixture of `d`; `ValueError` unless its event has one element."""
     mix = as_gaussian_mixture(d, role=role)
     if mix.dim != 1:
         raise ValueError(
@@ -73,7 +73,7 @@ def scalar_mixture(d: Distribution, role: str) -> GaussianMixture:
 def float64_pair(
     p: Distribution, q: Distribution
 ) -> tuple[GaussianMixture, GaussianMixture, torch.dtype]:
-    """Canonical 1-D mixtures of ``p`` and ``q`` in float64, expanded to the broadcast batch,
+    """Canonical 1-D mixtures of `p` and `q` in float64, expanded to the broadcast batch,
     and the dtype the result is returned in (torch's promotion of the two)."""
     check_same_event_shape(p, q)
     mp, mq = scalar_mixture(p, "p"), scalar_mixture(q, "q")
@@ -83,22 +83,22 @@ def float64_pair(
 
 
 def loc_scale(m: GaussianMixture) -> tuple[Tensor, Tensor]:
-    """``(loc, scale)`` of every component of a scalar mixture, each ``(*batch, K)``: the scale as
-    given (a negative scale, accepted with validation off, gives NaN, not ``|scale|``)."""
+    """`(loc, scale)` of every component of a scalar mixture, each `(*batch, K)`: the scale as
+    given (a negative scale, accepted with validation off, gives NaN, not `|scale|`)."""
     return loc_scale_1d(m)
 
 
 def crossing_points(log_w: Tensor, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     r"""Where two weighted components of one mixture are equal, and how sharp the switch is.
 
-    For every pair :math:`i < j`, the roots of
-    :math:`\ell_i(x) = \ell_j(x)`, :math:`\ell_k = \log w_k + \log\mathcal N(x; \mu_k, \sigma_k^2)`
-    (a quadratic), and the width :math:`1 / |\ell_i'(r) - \ell_j'(r)|` of the near-kink that
-    :math:`\log\sum_k e^{\ell_k}` has there when the pair dominates. A pair without a real root
+    For every pair $i < j$, the roots of
+    $\ell_i(x) = \ell_j(x)$, $\ell_k = \log w_k + \log\mathcal N(x; \mu_k, \sigma_k^2)$
+    (a quadratic), and the width $1 / |\ell_i'(r) - \ell_j'(r)|$ of the near-kink that
+    $\log\sum_k e^{\ell_k}$ has there when the pair dominates. A pair without a real root
     gives NaN (callers drop it). Computed without gradient: the points only place nodes.
 
     Returns:
-        ``(roots, widths)``, each ``(*batch, K (K - 1))``.
+        `(roots, widths)`, each `(*batch, K (K - 1))`.
     """
     k = log_w.shape[-1]
     i, j = torch.triu_indices(k, k, 1, device=loc.device)
@@ -125,7 +125,7 @@ def crossing_points(log_w: Tensor, loc: Tensor, scale: Tensor) -> tuple[Tensor, 
 
 
 def _breakpoints(loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Breakpoints ``(*batch, 19 K)`` of the components ``(*batch, K)``, their min and max."""
+    """Breakpoints `(*batch, 19 K)` of the components `(*batch, K)`, their min and max."""
     dtype, device = loc.dtype, loc.device
     c = torch.tensor(OFFSETS[1:], dtype=dtype, device=device)
     c = torch.cat([-c.flip(0), torch.zeros(1, dtype=dtype, device=device), c])
@@ -135,12 +135,12 @@ def _breakpoints(loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def composite_rule(nodes: int, *mixtures: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Nodes ``x`` and weights ``(*batch, N)`` over the breakpoints of every component of every
-    mixture ``(log_w, loc, scale)`` and of the crossings within each mixture.
+    """Nodes `x` and weights `(*batch, N)` over the breakpoints of every component of every
+    mixture `(log_w, loc, scale)` and of the crossings within each mixture.
 
-    A near-kink of ``log q`` where the dominant component switches (``log q`` turns from one
-    parabola to another over a width ``1 / |slope difference|``) gets breakpoints at
-    ``CROSSING_OFFSETS`` widths around it, clamped into the span of the component breakpoints.
+    A near-kink of `log q` where the dominant component switches (`log q` turns from one
+    parabola to another over a width `1 / |slope difference|`) gets breakpoints at
+    `CROSSING_OFFSETS` widths around it, clamped into the span of the component breakpoints.
     """
     comp = [_breakpoints(loc, scale) for _, loc, scale in mixtures]
     lo = torch.cat([c[1] for c in comp], -1).amin(-1, keepdim=True)
@@ -160,7 +160,7 @@ def composite_rule(nodes: int, *mixtures: tuple[Tensor, Tensor, Tensor]) -> tupl
 
 
 def _gauss_legendre(pts: Tensor, nodes: int) -> tuple[Tensor, Tensor]:
-    """``ceil(nodes / 18)`` Gauss-Legendre nodes on every interval between sorted ``pts``."""
+    """`ceil(nodes / 18)` Gauss-Legendre nodes on every interval between sorted `pts`."""
     n = max(2, -(-nodes // INTERVALS_PER_COMPONENT))
     t_list, w_list = legendre(n)
     t = torch.tensor(t_list, dtype=pts.dtype, device=pts.device)
@@ -172,7 +172,7 @@ def _gauss_legendre(pts: Tensor, nodes: int) -> tuple[Tensor, Tensor]:
 
 
 def component_log_density(x: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-    """``log N(x; loc_k, scale_k^2)``: ``(*batch, N, K)`` for ``x`` of shape ``(*batch, N)``."""
+    """`log N(x; loc_k, scale_k^2)`: `(*batch, N, K)` for `x` of shape `(*batch, N)`."""
     z = (x.unsqueeze(-1) - loc.unsqueeze(-2)) / scale.unsqueeze(-2)
     return -0.5 * z.square() - scale.log().unsqueeze(-2) - HALF_LOG_2PI
 
@@ -180,7 +180,7 @@ def component_log_density(x: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
 def log_densities(
     x: Tensor, mp: GaussianMixture, mq: GaussianMixture
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``(log p(x), log q(x), log p(x) - log q(x))``, each of shape ``(*batch, N)``.
+    r"""`(log p(x), log q(x), log p(x) - log q(x))`, each of shape `(*batch, N)`.
 
     The log-ratio is computed from paired component differences where they are all small:
 
@@ -190,8 +190,8 @@ def log_densities(
     $$
 
     with $d_k = \log(w_k p_k) - \log(v_k q_k)$ and $r_k = v_k q_k / q$ when both mixtures have
-    K components, $d_k = \log p_k - \log q_1$, $r_k = w_k$ when ``q`` has one, and the mirror
-    image when ``p`` has one. Elsewhere it is ``log p - log q``.
+    K components, $d_k = \log p_k - \log q_1$, $r_k = w_k$ when `q` has one, and the mirror
+    image when `p` has one. Elsewhere it is `log p - log q`.
     """
     lp_loc, lp_scale = loc_scale(mp)
     lq_loc, lq_scale = loc_scale(mq)
@@ -224,9 +224,9 @@ def log_densities(
 def _paired_difference(
     x: Tensor, loc1: Tensor, scale1: Tensor, loc2: Tensor, scale2: Tensor
 ) -> Tensor:
-    """``log N(x; loc1_k, scale1_k^2) - log N(x; loc2_k, scale2_k^2)`` without cancellation.
+    """`log N(x; loc1_k, scale1_k^2) - log N(x; loc2_k, scale2_k^2)` without cancellation.
 
-    Shapes broadcast over the last (component) dimension: ``(*batch, N, K)``. Identical
+    Shapes broadcast over the last (component) dimension: `(*batch, N, K)`. Identical
     parameters give exactly 0.
     """
     z1 = (x.unsqueeze(-1) - loc1.unsqueeze(-2)) / scale1.unsqueeze(-2)

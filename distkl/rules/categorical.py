@@ -1,27 +1,27 @@
 r"""Exact KL and JSD rules for Categorical, OneHotCategorical and mixtures of categoricals.
 
-torch has KL ``Categorical-Categorical`` and ``OneHotCategorical-OneHotCategorical`` and distkl
+torch has KL `Categorical-Categorical` and `OneHotCategorical-OneHotCategorical` and distkl
 leaves them alone. This module registers the KL pairs torch lacks:
 
-* ``Categorical <-> OneHotCategorical`` (subclasses such as ``OneHotCategoricalStraightThrough``
+* `Categorical <-> OneHotCategorical` (subclasses such as `OneHotCategoricalStraightThrough`
   reach these by dispatch);
-* ``MixtureSameFamily <-> Categorical`` and ``MixtureSameFamily <-> OneHotCategorical`` for
-  mixtures whose components are ``Categorical`` or ``OneHotCategorical``;
+* `MixtureSameFamily <-> Categorical` and `MixtureSameFamily <-> OneHotCategorical` for
+  mixtures whose components are `Categorical` or `OneHotCategorical`;
 
-and the JSD of every pair of ``Categorical`` and ``OneHotCategorical``. A mixture of categoricals
-over ``K`` categories is itself categorical,
+and the JSD of every pair of `Categorical` and `OneHotCategorical`. A mixture of categoricals
+over `K` categories is itself categorical,
 
 $$
 \log p(k) = \operatorname{logsumexp}_j \big(\log w_j + \log p_j(k)\big),
 $$
 
-so every pair here is an exact closed form. ``(MixtureSameFamily, MixtureSameFamily)`` and the
+so every pair here is an exact closed form. `(MixtureSameFamily, MixtureSameFamily)` and the
 JSD pairs with a mixture are registered in `distkl.rules.mixture`, which calls the same functions
 (`distkl._categorical`) when both sides are categorical.
 
-Values and gradients follow the kernel `distkl._logspace`: $0 \log 0 = 0$, ``+inf`` (never
+Values and gradients follow the kernel `distkl._logspace`: $0 \log 0 = 0$, `+inf` (never
 NaN) where $q = 0 < p$, NaN in gives NaN out, finite gradients. Note that torch's own
-``Categorical-Categorical`` rule, which distkl does not replace, backpropagates NaN where
+`Categorical-Categorical` rule, which distkl does not replace, backpropagates NaN where
 $q = 0 < p$; `distkl.functional.kl_divergence` and `distkl.bounded_kl` do not.
 """
 
@@ -48,7 +48,7 @@ def _kl_categorical_onehotcategorical(p: Distribution, q: Distribution) -> Tenso
     Source: Cover & Thomas (2006), *Elements of Information Theory*, 2nd ed., eq. (2.26).
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Raises:
         ValueError: batch shapes that do not broadcast, or different numbers of categories.
@@ -68,13 +68,13 @@ def _kl_categorical_mixture(p: Distribution, q: Distribution) -> Tensor:
     p(k) = \sum_j w_j p_j(k) \text{ for a mixture (likewise } q\text{)}
     $$
 
-    Dispatch is by type only: every ``MixtureSameFamily`` lands here, and only categorical
+    Dispatch is by type only: every `MixtureSameFamily` lands here, and only categorical
     components are handled.
 
     Source: Cover & Thomas (2006), *Elements of Information Theory*, 2nd ed., eq. (2.26).
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Raises:
         NotImplementedError: if the mixture's components are not Categorical/OneHotCategorical.
@@ -100,7 +100,7 @@ def _jsd_categorical(p: Distribution, q: Distribution, alpha: float) -> Tensor:
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1), eq. (4.1).
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Raises:
         ValueError: batch shapes that do not broadcast, or different numbers of categories.

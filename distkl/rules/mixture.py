@@ -2,8 +2,8 @@ r"""KL and JSD rules for Gaussian families and mixtures, computed by the method 
 
 No closed form exists for the KL divergence between Gaussian mixtures, nor for the JSD of even
 two Gaussians, so **every rule here returns an estimate**, not an exact value. One method table
-serves KL and JSD; what ``kl_divergence(p, q)`` and ``js_divergence(p, q)`` compute is chosen by
-:func:`distkl.options` (``distkl.get_options().method``):
+serves KL and JSD; what `kl_divergence(p, q)` and `js_divergence(p, q)` compute is chosen by
+[`distkl.options`][distkl.options] (`distkl.get_options().method`):
 
 | method | KL | JSD |
 |---|---|---|
@@ -13,8 +13,8 @@ serves KL and JSD; what ``kl_divergence(p, q)`` and ``js_divergence(p, q)`` comp
 | `"variational"` | `distkl.kl_variational` (Hershey & Olsen 2007; biased) | none: `ValueError` |
 | `"unscented"` | `distkl.kl_unscented` (deterministic, biased) | none: `ValueError` |
 
-Monte Carlo takes ``num_samples``, ``generator`` and ``chunk_size`` from the options,
-quadrature ``quadrature_nodes``. A method with no JSD counterpart raises instead of silently
+Monte Carlo takes `num_samples`, `generator` and `chunk_size` from the options,
+quadrature `quadrature_nodes`. A method with no JSD counterpart raises instead of silently
 running another.
 
 Registered KL pairs (both directions of each cross pair): (MixtureSameFamily, MixtureSameFamily),
@@ -114,14 +114,14 @@ def _kl_by_unscented(p: Distribution, q: Distribution, opts: Options) -> Tensor:
 
 
 class Method(NamedTuple):
-    """How one ``options(method=...)`` value computes KL and (if it can) JSD."""
+    """How one `options(method=...)` value computes KL and (if it can) JSD."""
 
     kl: Callable[[Distribution, Distribution, Options], Tensor]
     jsd: Optional[Callable[[Distribution, Distribution, float, Options], Tensor]]
     scalar_events_only: bool
 
 
-#: ``"auto"`` resolves to one of these (see :func:`resolve_method`).
+#: `"auto"` resolves to one of these (see `resolve_method`).
 METHODS: dict[str, Method] = {
     "mc": Method(_kl_by_mc, _jsd_by_mc, scalar_events_only=False),
     "quadrature": Method(_kl_by_quadrature, _jsd_by_quadrature, scalar_events_only=True),
@@ -131,11 +131,11 @@ METHODS: dict[str, Method] = {
 
 
 def resolve_method(method: str, p: Distribution, divergence: str) -> Method:
-    """The table entry for ``method`` (``"auto"`` resolved by ``p``'s event), checked.
+    """The table entry for `method` (`"auto"` resolved by `p`'s event), checked.
 
     Raises:
-        ValueError: ``"quadrature"`` with a non-scalar event, or a method without a
-            ``divergence`` (``"KL"`` or ``"JSD"``) counterpart.
+        ValueError: `"quadrature"` with a non-scalar event, or a method without a
+            `divergence` (`"KL"` or `"JSD"`) counterpart.
     """
     scalar = len(p.event_shape) == 0
     if method == "auto":
@@ -182,12 +182,12 @@ def kl_gaussian_mixture(p: Distribution, q: Distribution) -> Tensor:
     Gaussian mixture models", ICASSP, eq. (4) (Monte Carlo) and the methods cited there.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Raises:
         NotImplementedError: for component families other than the Gaussian ones.
         ValueError: for different event shapes, non-broadcasting batch shapes, or
-            ``method="quadrature"`` with a multivariate event.
+            `method="quadrature"` with a multivariate event.
     """
     _check_gaussian_pair(p, q, "KL")
     opts = get_options()
@@ -214,11 +214,11 @@ _MIXTURE_KIND = PerCallKind(
 def _kl_mixture_mixture(p: MixtureSameFamily, q: MixtureSameFamily) -> Tensor:
     r"""KL(p || q) in nats between two mixtures: an estimate by the method in force.
 
-    Gaussian-family components: :func:`kl_gaussian_mixture`. Categorical / OneHotCategorical
-    components on both sides (exact): ``distkl.rules.categorical.kl_categorical_mixture_pair``.
+    Gaussian-family components: `kl_gaussian_mixture`. Categorical / OneHotCategorical
+    components on both sides (exact): `distkl.rules.categorical.kl_categorical_mixture_pair`.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
     """
     if _is_categorical_mixture(p) and _is_categorical_mixture(q):
         return kl_categorical_mixture_pair(p, q)
@@ -248,7 +248,7 @@ def _kl_mixture_single(p: Distribution, q: Distribution) -> Tensor:
     an estimate by the method in force (see the module docstring).
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
     """
     return kl_gaussian_mixture(p, q)
 
@@ -265,18 +265,18 @@ def jsd_gaussian(p: Distribution, q: Distribution, alpha: float) -> Tensor:
     $$
 
     has no closed form (not even for two Normals): computed by the method in force (the module
-    docstring's table); ``"variational"`` and ``"unscented"`` have no JSD counterpart and raise.
+    docstring's table); `"variational"` and `"unscented"` have no JSD counterpart and raise.
 
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1), eq. (4.1).
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``, in
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`, in
         $[0, H(\alpha)]$.
 
     Raises:
         NotImplementedError: for a family other than the Normal ones.
-        ValueError: different event shapes; ``method="quadrature"`` with a non-scalar event;
-            ``method="variational"`` or ``"unscented"``.
+        ValueError: different event shapes; `method="quadrature"` with a non-scalar event;
+            `method="variational"` or `"unscented"`.
     """
     _check_gaussian_pair(p, q, "JSD")
     opts = get_options()
@@ -307,17 +307,17 @@ del _tp, _tq
 @register_jsd(MixtureSameFamily, LowRankMultivariateNormal, kind="estimate")
 @register_jsd(LowRankMultivariateNormal, MixtureSameFamily, kind="estimate")
 def _jsd_mixture(p: Distribution, q: Distribution, alpha: float) -> Tensor:
-    r"""JS_alpha(p, q) in nats where p or q is a ``MixtureSameFamily``: dispatch on the components.
+    r"""JS_alpha(p, q) in nats where p or q is a `MixtureSameFamily`: dispatch on the components.
 
     Mixtures of categoricals collapse to one categorical each,
     $\log p(k) = \operatorname{logsumexp}_j(\log w_j + \log p_j(k))$, and the JSD against a
     categorical or another such mixture is exact (`distkl._categorical.js_categorical_family`);
-    Gaussian families are estimated by :func:`jsd_gaussian`.
+    Gaussian families are estimated by `jsd_gaussian`.
 
     Source: Lin (1991), IEEE Trans. Inf. Theory 37(1), eq. (4.1).
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
 
     Raises:
         NotImplementedError: for other component families or a categorical/Gaussian mix.

@@ -1,34 +1,36 @@
 r"""Exact KL divergences between a diagonal Normal and the multivariate Normal families.
 
-torch answers ``KL(p || q)`` within each Normal family (``Normal``/``Normal``,
-``Independent``/``Independent``, and every pair of ``MultivariateNormal`` and
-``LowRankMultivariateNormal``) but raises ``NotImplementedError`` as soon as one side is the
-diagonal ``Independent(Normal(mu, sigma), 1)`` and the other a ``MultivariateNormal`` or
-``LowRankMultivariateNormal`` -- the everyday VAE case of a diagonal posterior against a
+torch answers `KL(p || q)` within each Normal family (`Normal`/`Normal`,
+`Independent`/`Independent`, and every pair of `MultivariateNormal` and
+`LowRankMultivariateNormal`) but raises `NotImplementedError` as soon as one side is the
+diagonal `Independent(Normal(mu, sigma), 1)` and the other a `MultivariateNormal` or
+`LowRankMultivariateNormal` -- the everyday VAE case of a diagonal posterior against a
 full-covariance prior. This module registers those four pairs, both directions, as exact closed
 forms. It registers nothing torch already has.
 
 All four rules evaluate the Gaussian KL divergence
 
-.. math::
-    \mathrm{KL}(p \| q) = \tfrac12 \Big[\operatorname{tr}(\Sigma_q^{-1}\Sigma_p)
-        + (\mu_q - \mu_p)^\top \Sigma_q^{-1} (\mu_q - \mu_p) - D
-        + \log\det\Sigma_q - \log\det\Sigma_p\Big]
+$$
+\mathrm{KL}(p \| q) = \tfrac12 \Big[\operatorname{tr}(\Sigma_q^{-1}\Sigma_p)
+    + (\mu_q - \mu_p)^\top \Sigma_q^{-1} (\mu_q - \mu_p) - D
+    + \log\det\Sigma_q - \log\det\Sigma_p\Big]
+$$
 
-without ever forming the dense covariance of the diagonal side, and with the ``q``-only linear
-algebra done once per *unbroadcast* batch element of ``q`` (a single prior shared by a batch of
-posteriors costs one factorisation, not one per posterior). The trace, ``-D`` and log-determinant
+without ever forming the dense covariance of the diagonal side, and with the `q`-only linear
+algebra done once per *unbroadcast* batch element of `q` (a single prior shared by a batch of
+posteriors costs one factorisation, not one per posterior). The trace, `-D` and log-determinant
 terms are regrouped into sums of non-negative pieces, each computed without the cancellation of
-``tr - D`` against ``log det``:
+`tr - D` against `log det`:
 
-.. math::
-    \phi(a) = a - 1 - \log a \;\ge 0, \qquad \text{evaluated as } \operatorname{expm1}(t) - t,
-    \; t = \log a.
+$$
+\phi(a) = a - 1 - \log a \;\ge 0, \qquad \text{evaluated as } \operatorname{expm1}(t) - t,
+\; t = \log a.
+$$
 
 Source: Rasmussen & Williams (2006), "Gaussian Processes for Machine Learning", eq. (A.23) (KL
 between Gaussians) and eqs. (A.9)-(A.10) (Woodbury identity, matrix determinant lemma), as used
-in ``torch.distributions.lowrank_multivariate_normal``; Hadamard's inequality
-(:math:`\det A \le \prod_i A_{ii}` for SPD :math:`A`; Horn & Johnson, "Matrix Analysis", 2nd ed.,
+in `torch.distributions.lowrank_multivariate_normal`; Hadamard's inequality
+($\det A \le \prod_i A_{ii}$ for SPD $A$; Horn & Johnson, "Matrix Analysis", 2nd ed.,
 Thm. 7.8.1) for the non-negative splits.
 """
 
@@ -50,12 +52,12 @@ from distkl.registry import register_kl
 
 __all__: list[str] = []
 
-#: What the rules of this module accept on the ``Independent`` side.
+#: What the rules of this module accept on the `Independent` side.
 SUPPORTED_INDEPENDENT = ("Independent(Normal, 1)",)
 
 
 def _diagonal_normal(d: Distribution, side: str, other: Distribution) -> Normal:
-    """The ``Normal`` inside ``Independent(Normal, 1)``, or ``NotImplementedError``."""
+    """The `Normal` inside `Independent(Normal, 1)`, or `NotImplementedError`."""
     if isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1:
         base = d.base_dist
         if isinstance(base, Normal):
@@ -69,9 +71,9 @@ def _diagonal_normal(d: Distribution, side: str, other: Distribution) -> Normal:
 
 
 def _checked_diagonal(p: Distribution, q: Distribution, diagonal: str) -> Normal:
-    """Check the pair (event shapes, batch shapes) and return the ``Normal`` of its diagonal side.
+    """Check the pair (event shapes, batch shapes) and return the `Normal` of its diagonal side.
 
-    ``diagonal`` names the ``Independent(Normal, 1)`` side, ``"p"`` or ``"q"``.
+    `diagonal` names the `Independent(Normal, 1)` side, `"p"` or `"q"`.
     """
     d, other = (p, q) if diagonal == "p" else (q, p)
     base = _diagonal_normal(d, diagonal, other)
@@ -81,23 +83,23 @@ def _checked_diagonal(p: Distribution, q: Distribution, diagonal: str) -> Normal
 
 
 def _phi_of_log(t: Tensor) -> Tensor:
-    r""":math:`\phi(a) = a - 1 - \log a \ge 0` from :math:`t = \log a`, as ``expm1(t) - t``."""
+    r"""$\phi(a) = a - 1 - \log a \ge 0$ from $t = \log a$, as `expm1(t) - t`."""
     return torch.expm1(t) - t
 
 
 def _diag(tril: Tensor) -> Tensor:
-    """The diagonal of a batch of matrices, ``(*batch, n)``."""
+    """The diagonal of a batch of matrices, `(*batch, n)`."""
     return tril.diagonal(dim1=-2, dim2=-1)
 
 
 def _log_det_capacitance(W_tilde: Tensor, C_tril: Tensor) -> Tensor:
-    r"""``log det C`` for ``C = I + W~^T W~ = C_tril C_tril^T``, accurate when ``W~`` is small.
+    r"""`log det C` for `C = I + W~^T W~ = C_tril C_tril^T`, accurate when `W~` is small.
 
-    ``2 sum log diag(C_tril)`` loses ``~eps`` absolute accuracy because ``C_tril`` is stored near
+    `2 sum log diag(C_tril)` loses `~eps` absolute accuracy because `C_tril` is stored near
     the identity. The Cholesky pivots satisfy
-    :math:`(C_{\mathrm{tril}})_{kk}^2 = 1 + u_k` with
-    :math:`u_k = (\tilde W^\top \tilde W)_{kk} - \sum_{j<k} (C_{\mathrm{tril}})_{kj}^2`, whose
-    terms are all small and accurate, so ``log det C = sum_k log1p(u_k)``.
+    $(C_{\mathrm{tril}})_{kk}^2 = 1 + u_k$ with
+    $u_k = (\tilde W^\top \tilde W)_{kk} - \sum_{j<k} (C_{\mathrm{tril}})_{kj}^2$, whose
+    terms are all small and accurate, so `log det C = sum_k log1p(u_k)`.
     """
     u = W_tilde.square().sum(-2) - C_tril.tril(-1).square().sum(-1)
     # Where u is not small it is a difference of large numbers: the pivot itself is better then.
@@ -111,11 +113,11 @@ def _log_det_capacitance(W_tilde: Tensor, C_tril: Tensor) -> Tensor:
 def _log1m_leverage(W_tilde: Tensor, A: Tensor, row_sq: Tensor) -> Tensor:
     r"""$\log(1 - x_i)$, $x_i = \tilde w_i^\top C^{-1} \tilde w_i$, accurate even where $x_i \to 1$.
 
-    ``A = C_tril^{-1} W~^T`` gives $x_i = \|A_{:,i}\|^2$, accurate while $x_i$ is not near 1.
+    `A = C_tril^{-1} W~^T` gives $x_i = \|A_{:,i}\|^2$, accurate while $x_i$ is not near 1.
     A row that dominates its diagonal ($\|\tilde w_i\|^2 \gg 1/\varepsilon$) has $x_i$ rounding
-    to 1 and ``log1p(-x)`` to $-\infty$. For those rows Sherman-Morrison gives
+    to 1 and `log1p(-x)` to $-\infty$. For those rows Sherman-Morrison gives
     $1 - x_i = 1 / (1 + s_i)$, $s_i = \tilde w_i^\top C_{-i}^{-1} \tilde w_i$ with
-    $C_{-i} = I + \sum_{j \ne i} \tilde w_j \tilde w_j^\top$ formed without row ``i`` (no
+    $C_{-i} = I + \sum_{j \ne i} \tilde w_j \tilde w_j^\top$ formed without row `i` (no
     cancellation). Since $\sum_i x_i = r - \operatorname{tr} C^{-1} < r$, fewer than $2r$ rows
     have $x_i > 1/2$: the $\min(D, 2r)$ largest are recomputed, at $O(D r^3)$.
 
@@ -142,26 +144,27 @@ def _log1m_leverage(W_tilde: Tensor, A: Tensor, row_sq: Tensor) -> Tensor:
 
 @register_kl(Independent, MultivariateNormal, kind="exact", on_conflict="skip")
 def _kl_independent_multivariatenormal(p: Distribution, q: Distribution) -> Tensor:
-    r"""KL(p || q) in nats of a diagonal Normal ``p`` from a full-covariance Normal ``q``.
+    r"""KL(p || q) in nats of a diagonal Normal `p` from a full-covariance Normal `q`.
 
-    ``p = Independent(Normal(mu_p, sigma), 1)``, ``q = MultivariateNormal(mu_q, scale_tril=L)``,
-    :math:`M = L^{-1}` (lower triangular, :math:`M_{ii} = 1/L_{ii}`):
+    `p = Independent(Normal(mu_p, sigma), 1)`, `q = MultivariateNormal(mu_q, scale_tril=L)`,
+    $M = L^{-1}$ (lower triangular, $M_{ii} = 1/L_{ii}$):
 
-    .. math::
-        \mathrm{KL}(p \| q) = \tfrac12 \Big[\sum_i \phi\!\big(\sigma_i^2 / L_{ii}^2\big)
-            + \sum_i \sigma_i^2 \sum_{j > i} M_{ji}^2 + \|L^{-1}(\mu_q - \mu_p)\|^2\Big]
+    $$
+    \mathrm{KL}(p \| q) = \tfrac12 \Big[\sum_i \phi\!\big(\sigma_i^2 / L_{ii}^2\big)
+        + \sum_i \sigma_i^2 \sum_{j > i} M_{ji}^2 + \|L^{-1}(\mu_q - \mu_p)\|^2\Big]
+    $$
 
-    since :math:`\operatorname{tr}(\Sigma_q^{-1}\operatorname{diag}\sigma^2)
-    = \|L^{-1}\operatorname{diag}\sigma\|_F^2` and
-    :math:`\log\det\Sigma_q - \log\det\Sigma_p = -\sum_i \log(\sigma_i^2 / L_{ii}^2)`. Every
-    term is non-negative. :math:`L^{-1}` is one triangular solve per unbroadcast batch element
-    of ``q``; the rest costs O(D) per pair plus the Mahalanobis solve.
+    since $\operatorname{tr}(\Sigma_q^{-1}\operatorname{diag}\sigma^2)
+    = \|L^{-1}\operatorname{diag}\sigma\|_F^2$ and
+    $\log\det\Sigma_q - \log\det\Sigma_p = -\sum_i \log(\sigma_i^2 / L_{ii}^2)$. Every
+    term is non-negative. $L^{-1}$ is one triangular solve per unbroadcast batch element
+    of `q`; the rest costs O(D) per pair plus the Mahalanobis solve.
 
     Source: Rasmussen & Williams (2006), GPML, eq. (A.23), regrouped; the same quantity as
     torch.distributions.kl._kl_multivariatenormal_multivariatenormal on the dense pair.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
     """
     assert isinstance(q, MultivariateNormal)  # dispatch is by type
     base = _checked_diagonal(p, q, "p")
@@ -178,24 +181,25 @@ def _kl_independent_multivariatenormal(p: Distribution, q: Distribution) -> Tens
 
 @register_kl(MultivariateNormal, Independent, kind="exact", on_conflict="skip")
 def _kl_multivariatenormal_independent(p: Distribution, q: Distribution) -> Tensor:
-    r"""KL(p || q) in nats of a full-covariance Normal ``p`` from a diagonal Normal ``q``.
+    r"""KL(p || q) in nats of a full-covariance Normal `p` from a diagonal Normal `q`.
 
-    ``p = MultivariateNormal(mu_p, scale_tril=L)``, ``q = Independent(Normal(mu_q, sigma), 1)``.
-    Only the diagonal of :math:`\Sigma_p = L L^\top` enters, so the cost is O(D^2) per
-    unbroadcast batch element of ``p`` (row norms of ``L``) and O(D) per pair:
+    `p = MultivariateNormal(mu_p, scale_tril=L)`, `q = Independent(Normal(mu_q, sigma), 1)`.
+    Only the diagonal of $\Sigma_p = L L^\top$ enters, so the cost is O(D^2) per
+    unbroadcast batch element of `p` (row norms of `L`) and O(D) per pair:
 
-    .. math::
-        \mathrm{KL}(p \| q) = \tfrac12 \Big[\sum_i \phi\!\big(L_{ii}^2 / \sigma_i^2\big)
-            + \sum_i \frac{\sum_{j < i} L_{ij}^2}{\sigma_i^2}
-            + \sum_i \frac{(\mu_{q,i} - \mu_{p,i})^2}{\sigma_i^2}\Big]
+    $$
+    \mathrm{KL}(p \| q) = \tfrac12 \Big[\sum_i \phi\!\big(L_{ii}^2 / \sigma_i^2\big)
+        + \sum_i \frac{\sum_{j < i} L_{ij}^2}{\sigma_i^2}
+        + \sum_i \frac{(\mu_{q,i} - \mu_{p,i})^2}{\sigma_i^2}\Big]
+    $$
 
     Every term is non-negative.
 
     Source: Rasmussen & Williams (2006), GPML, eq. (A.23), regrouped, with
-    :math:`(\Sigma_p)_{ii} = \sum_{j \le i} L_{ij}^2`.
+    $(\Sigma_p)_{ii} = \sum_{j \le i} L_{ij}^2$.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
     """
     assert isinstance(p, MultivariateNormal)  # dispatch is by type
     base = _checked_diagonal(p, q, "q")
@@ -210,31 +214,32 @@ def _kl_multivariatenormal_independent(p: Distribution, q: Distribution) -> Tens
 
 @register_kl(Independent, LowRankMultivariateNormal, kind="exact", on_conflict="skip")
 def _kl_independent_lowrankmultivariatenormal(p: Distribution, q: Distribution) -> Tensor:
-    r"""KL(p || q) in nats of a diagonal Normal ``p`` from a low-rank-plus-diagonal Normal ``q``.
+    r"""KL(p || q) in nats of a diagonal Normal `p` from a low-rank-plus-diagonal Normal `q`.
 
-    ``p = Independent(Normal(mu_p, sigma), 1)``, ``q`` with covariance
-    :math:`W W^\top + \operatorname{diag}(d)`, :math:`W \in \mathbb{R}^{D \times r}`. With
-    :math:`\tilde W = \operatorname{diag}(d)^{-1/2} W` (rows :math:`\tilde w_i`) and the capacitance
-    :math:`C = I_r + \tilde W^\top \tilde W`, Woodbury gives
-    :math:`(\Sigma_q^{-1})_{ii} = (1 - x_i)/d_i` with
-    :math:`x_i = \tilde w_i^\top C^{-1} \tilde w_i \in [0, 1)`, and the determinant lemma
-    :math:`\log\det\Sigma_q = \log\det C + \sum_i \log d_i`. With
-    :math:`a_i = \sigma_i^2 (1 - x_i) / d_i`:
+    `p = Independent(Normal(mu_p, sigma), 1)`, `q` with covariance
+    $W W^\top + \operatorname{diag}(d)$, $W \in \mathbb{R}^{D \times r}$. With
+    $\tilde W = \operatorname{diag}(d)^{-1/2} W$ (rows $\tilde w_i$) and the capacitance
+    $C = I_r + \tilde W^\top \tilde W$, Woodbury gives
+    $(\Sigma_q^{-1})_{ii} = (1 - x_i)/d_i$ with
+    $x_i = \tilde w_i^\top C^{-1} \tilde w_i \in [0, 1)$, and the determinant lemma
+    $\log\det\Sigma_q = \log\det C + \sum_i \log d_i$. With
+    $a_i = \sigma_i^2 (1 - x_i) / d_i$:
 
-    .. math::
-        \mathrm{KL}(p \| q) = \tfrac12 \Big[\sum_i \phi(a_i)
-            + \Big(\log\det C + \sum_i \log(1 - x_i)\Big)
-            + (\mu_q - \mu_p)^\top \Sigma_q^{-1} (\mu_q - \mu_p)\Big]
+    $$
+    \mathrm{KL}(p \| q) = \tfrac12 \Big[\sum_i \phi(a_i)
+        + \Big(\log\det C + \sum_i \log(1 - x_i)\Big)
+        + (\mu_q - \mu_p)^\top \Sigma_q^{-1} (\mu_q - \mu_p)\Big]
+    $$
 
-    The bracketed term is :math:`\log\det\Sigma_q - \sum_i \log(\Sigma_q^{-1})_{ii}^{-1} \ge 0`
-    (Hadamard). Cost O(D r^2) per unbroadcast batch element of ``q``, O(D r) per pair.
+    The bracketed term is $\log\det\Sigma_q - \sum_i \log(\Sigma_q^{-1})_{ii}^{-1} \ge 0$
+    (Hadamard). Cost O(D r^2) per unbroadcast batch element of `q`, O(D r) per pair.
 
     Source: Rasmussen & Williams (2006), GPML, eq. (A.23) with the Woodbury identity and matrix
     determinant lemma, eqs. (A.9)-(A.10), as in
     torch.distributions.kl._kl_lowrankmultivariatenormal_lowrankmultivariatenormal.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
     """
     assert isinstance(q, LowRankMultivariateNormal)  # dispatch is by type
     base = _checked_diagonal(p, q, "p")
@@ -255,26 +260,27 @@ def _kl_independent_lowrankmultivariatenormal(p: Distribution, q: Distribution) 
 
 @register_kl(LowRankMultivariateNormal, Independent, kind="exact", on_conflict="skip")
 def _kl_lowrankmultivariatenormal_independent(p: Distribution, q: Distribution) -> Tensor:
-    r"""KL(p || q) in nats of a low-rank-plus-diagonal Normal ``p`` from a diagonal Normal ``q``.
+    r"""KL(p || q) in nats of a low-rank-plus-diagonal Normal `p` from a diagonal Normal `q`.
 
-    ``p`` with covariance :math:`W W^\top + \operatorname{diag}(d)`,
-    ``q = Independent(Normal(mu_q, sigma), 1)``. With :math:`n_i = \|w_i\|^2 / d_i` (row ``i``
-    of ``W``), :math:`(\Sigma_p)_{ii} = d_i (1 + n_i)`, :math:`a_i = d_i (1 + n_i) / \sigma_i^2`
-    and the capacitance :math:`C = I_r + W^\top \operatorname{diag}(d)^{-1} W`:
+    `p` with covariance $W W^\top + \operatorname{diag}(d)$,
+    `q = Independent(Normal(mu_q, sigma), 1)`. With $n_i = \|w_i\|^2 / d_i$ (row `i`
+    of `W`), $(\Sigma_p)_{ii} = d_i (1 + n_i)$, $a_i = d_i (1 + n_i) / \sigma_i^2$
+    and the capacitance $C = I_r + W^\top \operatorname{diag}(d)^{-1} W$:
 
-    .. math::
-        \mathrm{KL}(p \| q) = \tfrac12 \Big[\sum_i \phi(a_i)
-            + \Big(\sum_i \log(1 + n_i) - \log\det C\Big)
-            + \sum_i \frac{(\mu_{q,i} - \mu_{p,i})^2}{\sigma_i^2}\Big]
+    $$
+    \mathrm{KL}(p \| q) = \tfrac12 \Big[\sum_i \phi(a_i)
+        + \Big(\sum_i \log(1 + n_i) - \log\det C\Big)
+        + \sum_i \frac{(\mu_{q,i} - \mu_{p,i})^2}{\sigma_i^2}\Big]
+    $$
 
-    The bracketed term is :math:`\sum_i \log(\Sigma_p)_{ii} - \log\det\Sigma_p \ge 0` (Hadamard).
-    Cost O(D r) per pair, reusing the capacitance factor ``p`` already holds.
+    The bracketed term is $\sum_i \log(\Sigma_p)_{ii} - \log\det\Sigma_p \ge 0$ (Hadamard).
+    Cost O(D r) per pair, reusing the capacitance factor `p` already holds.
 
     Source: Rasmussen & Williams (2006), GPML, eq. (A.23) with the matrix determinant lemma,
     eq. (A.10), as in torch.distributions.lowrank_multivariate_normal.
 
     Returns:
-        Tensor of shape ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+        Tensor of shape `broadcast_shapes(p.batch_shape, q.batch_shape)`.
     """
     assert isinstance(p, LowRankMultivariateNormal)  # dispatch is by type
     base = _checked_diagonal(p, q, "q")

@@ -1,15 +1,17 @@
-r"""Closed forms of ``KL(p || q)`` in nats derived with sympy (imported only when asked for).
+r"""Closed forms of `KL(p || q)` in nats derived with sympy (imported only when asked for).
 
-``import distkl`` never imports this package (sympy is slow to import); ``import distkl.symbolic``
-does::
+`import distkl` never imports this package (sympy is slow to import); `import distkl.symbolic`
+does:
 
-    from distkl.symbolic import derive
-    d = derive("Normal", "Laplace")
-    print(d.pretty())        # the formula
-    d.latex                  # its LaTeX
-    d(p, q)                  # evaluated with torch on two distribution objects
+```python
+from distkl.symbolic import derive
+d = derive("Normal", "Laplace")
+print(d.pretty())        # the formula
+d.latex                  # its LaTeX
+d(p, q)                  # evaluated with torch on two distribution objects
+```
 
-See :mod:`distkl.symbolic.derive` and ``docs/symbolic.md``.
+See `distkl.symbolic.derive` and `docs/symbolic.md`.
 """
 
 from distkl.symbolic.derive import (

@@ -1,20 +1,21 @@
-r"""The sympy core of :mod:`distkl.symbolic`: ``KL(p || q)`` as an integral (or sum), in nats.
+r"""The sympy core of `distkl.symbolic`: `KL(p || q)` as an integral (or sum), in nats.
 
 This file imports only sympy and the standard library, so it can run as a script in a child
-process that is killed when a derivation takes too long (``python _engine.py`` reads a JSON
-request on stdin and writes a JSON answer on stdout). :mod:`distkl.symbolic.derive` does that.
+process that is killed when a derivation takes too long (`python _engine.py` reads a JSON
+request on stdin and writes a JSON answer on stdout). `distkl.symbolic.derive` does that.
 
 The method:
 
-.. math::
-    \mathrm{KL}(p \| q) = \int p(x) \, (\log p(x) - \log q(x)) \, dx
-    = c_0 + \sum_i c_i \, \mathbb{E}_p[g_i(x)]
+$$
+\mathrm{KL}(p \| q) = \int p(x) \, (\log p(x) - \log q(x)) \, dx
+= c_0 + \sum_i c_i \, \mathbb{E}_p[g_i(x)]
+$$
 
-``log p - log q`` is expanded into x-free coefficients ``c_i`` times x-dependent terms ``g_i``,
-and each expectation is integrated on its own. Absolute values ``|a x + b|`` (Laplace) split the
+`log p - log q` is expanded into x-free coefficients `c_i` times x-dependent terms `g_i`,
+and each expectation is integrated on its own. Absolute values `|a x + b|` (Laplace) split the
 support at their zeros; when the order of two split points depends on the parameters (the two
 locations of a Laplace pair) both orders are derived and, when they agree up to the sign of the
-difference, joined into one formula in ``|difference|``.
+difference, joined into one formula in `|difference|`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class DerivationError(ValueError):
 
 
 def _split_terms(diff: sp.Expr, x: sp.Symbol) -> tuple[sp.Expr, dict[sp.Expr, sp.Expr]]:
-    """``diff = c0 + sum_g coeff[g] * g`` with ``c0`` and ``coeff[g]`` free of ``x``."""
+    """`diff = c0 + sum_g coeff[g] * g` with `c0` and `coeff[g]` free of `x`."""
     c0, rest = diff.as_independent(x, as_Add=True)
     groups: dict[sp.Expr, sp.Expr] = {}
     for term in sp.Add.make_args(rest):
@@ -43,7 +44,7 @@ def _split_terms(diff: sp.Expr, x: sp.Symbol) -> tuple[sp.Expr, dict[sp.Expr, sp
 
 
 def _abs_points(expr: sp.Expr, x: sp.Symbol) -> list[sp.Expr]:
-    """Zeros of the arguments of every ``Abs(...)`` in ``expr`` that depends on ``x``."""
+    """Zeros of the arguments of every `Abs(...)` in `expr` that depends on `x`."""
     points: list[sp.Expr] = []
     for a in expr.atoms(sp.Abs):
         if not a.has(x):
@@ -58,8 +59,8 @@ def _abs_points(expr: sp.Expr, x: sp.Symbol) -> list[sp.Expr]:
 
 
 def _order(points: list[sp.Expr]) -> list[sp.Expr] | tuple[sp.Expr, sp.Expr]:
-    """Sort ``points`` if their order is decided by the symbols' assumptions, else the first
-    pair ``(a, b)`` whose order is not."""
+    """Sort `points` if their order is decided by the symbols' assumptions, else the first
+    pair `(a, b)` whose order is not."""
     out: list[sp.Expr] = []
     for pt in points:
         i = 0
@@ -106,7 +107,7 @@ def _integrate_pieces(f: sp.Expr, x: sp.Symbol, points: list[sp.Expr]) -> sp.Exp
 def _case_split(
     log_p: sp.Expr, log_q: sp.Expr, x: sp.Symbol, lo: sp.Expr, hi: sp.Expr, a: sp.Expr, b: sp.Expr
 ) -> sp.Expr:
-    """Derive for ``b - a = d > 0`` and ``b - a = -d < 0`` and join the two."""
+    """Derive for `b - a = d > 0` and `b - a = -d < 0` and join the two."""
     delta = sp.expand(b - a)
     candidates = [s for s in sorted(delta.free_symbols, key=str) if sp.Poly(delta, s).degree() == 1]
     if not candidates:
@@ -125,7 +126,7 @@ def _case_split(
 
 
 def _density(log_p: sp.Expr) -> sp.Expr:
-    """``exp(log_p)`` as a product of powers (``x**(a-1) / gamma(a)``, not ``exp((a-1) log x)``)."""
+    """`exp(log_p)` as a product of powers (`x**(a-1) / gamma(a)`, not `exp((a-1) log x)`)."""
 
     def as_power(t: sp.Expr) -> sp.Expr:
         arg = t.args[0]
@@ -142,11 +143,11 @@ def _density(log_p: sp.Expr) -> sp.Expr:
 def kl_integral(
     log_p: sp.Expr, log_q: sp.Expr, x: sp.Symbol, lo: sp.Expr = -sp.oo, hi: sp.Expr = sp.oo
 ) -> sp.Expr:
-    r"""``KL(p || q) = \int_lo^hi p(x) (log p(x) - log q(x)) dx`` in nats, simplified.
+    r"""`KL(p || q) = \int_lo^hi p(x) (log p(x) - log q(x)) dx` in nats, simplified.
 
-    ``log_p`` and ``log_q`` are log-densities in ``x``; ``(lo, hi)`` is the support of ``p``.
-    Raises :class:`DerivationError` when sympy cannot do an integral or ``p`` does not integrate
-    to one.
+    `log_p` and `log_q` are log-densities in `x`; `(lo, hi)` is the support of `p`.
+    Raises [`DerivationError`][distkl.symbolic.DerivationError] when sympy cannot do an integral or
+    `p` does not integrate to one.
     """
     lo, hi = sp.sympify(lo), sp.sympify(hi)
     points = [lo] + [pt for pt in _abs_points(log_p + log_q, x) if pt not in (lo, hi)] + [hi]
@@ -174,13 +175,13 @@ def kl_integral(
 
 
 def kl_sum(log_p: sp.Expr, log_q: sp.Expr, k: sp.Symbol, num: sp.Expr) -> sp.Expr:
-    r"""``KL(p || q) = \sum_{k=0}^{num-1} p(k) (log p(k) - log q(k))`` in nats, for categories."""
+    r"""`KL(p || q) = \sum_{k=0}^{num-1} p(k) (log p(k) - log q(k))` in nats, for categories."""
     summand = sp.exp(log_p) * sp.expand(sp.expand_log(log_p - log_q, force=True))
     return sp.Sum(sp.expand(summand), (k, 0, num - 1))
 
 
 def _tidy(expr: sp.Expr) -> sp.Expr:
-    """A readable form: logs expanded (``log(a / b)`` as ``log a - log b``), then simplified
+    """A readable form: logs expanded (`log(a / b)` as `log a - log b`), then simplified
     without recombining them."""
     expr = sp.expand(sp.expand_log(sp.simplify(expr), force=True))
     expr = sp.powsimp(expr, combine="exp")
@@ -191,7 +192,7 @@ def _tidy(expr: sp.Expr) -> sp.Expr:
 
 
 def numeric_constants(expr: sp.Expr, digits: int = 25) -> sp.Expr:
-    """Replace every irrational number subexpression (``pi``, ``sqrt(2)``, ``log(2)``) by a Float,
+    """Replace every irrational number subexpression (`pi`, `sqrt(2)`, `log(2)`) by a Float,
     so that code printed for torch never calls a torch function on a Python int."""
     if expr.is_number and not expr.is_Rational:
         return sp.Float(expr.evalf(digits), digits)
@@ -201,7 +202,7 @@ def numeric_constants(expr: sp.Expr, digits: int = 25) -> sp.Expr:
 
 
 def solve_request(request: dict[str, Any]) -> dict[str, Any]:
-    """Answer one JSON request (``srepr`` strings in, ``srepr`` string out)."""
+    """Answer one JSON request (`srepr` strings in, `srepr` string out)."""
     try:
         log_p = sp.sympify(request["log_p"])
         log_q = sp.sympify(request["log_q"])

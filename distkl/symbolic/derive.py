@@ -1,21 +1,25 @@
-r"""Closed forms of ``KL(p || q)`` (nats) derived by sympy, compiled to torch, cached on disk.
+r"""Closed forms of `KL(p || q)` (nats) derived by sympy, compiled to torch, cached on disk.
 
-A :class:`Family` says how sympy sees a distribution class: its log-density as a sympy expression
-in a variable ``x`` whose other symbols are named like the class's attributes (``loc``, ``scale``,
-``rate``, ``probs``), and its support. :func:`derive` integrates
+A [`Family`][distkl.symbolic.Family] says how sympy sees a distribution class: its log-density as a
+sympy expression in a variable `x` whose other symbols are named like the class's attributes (`loc`,
+`scale`, `rate`, `probs`), and its support. [`derive`][distkl.symbolic.derive.derive] integrates
 
-.. math::
-    \mathrm{KL}(p \| q) = \int p(x) \, (\log p(x) - \log q(x)) \, dx
+$$
+\mathrm{KL}(p \| q) = \int p(x) \, (\log p(x) - \log q(x)) \, dx
+$$
 
 (a sum over the categories for discrete families) in a child process that is killed after
-``timeout`` seconds, simplifies it and returns a :class:`Derivation`: the expression (``.latex``,
-``.pretty()``) and a torch function of two distribution objects (``derivation(p, q)``), which also
-accepts ``Independent`` wrappers of the families (the KL of a product is the sum over the event).
+`timeout` seconds, simplifies it and returns a [`Derivation`][distkl.symbolic.Derivation]: the
+expression (`.latex`, `.pretty()`) and a torch function of two distribution objects
+(`derivation(p, q)`), which also accepts `Independent` wrappers of the families (the KL of a product
+is the sum over the event).
 
-The built-in families (:data:`FAMILIES`) are derived once and stored in ``cache.json`` next to this
-file, so that tests and ``distkl derive`` are fast; :func:`refresh_cache` derives them again and
-compares. :func:`derive_and_register` does the whole path for a user's own pair: derive, compile,
-check against sampling, register with :func:`distkl.register_kl`.
+The built-in families ([`FAMILIES`][distkl.symbolic.FAMILIES]) are derived once and stored in
+`cache.json` next to this file, so that tests and `distkl derive` are fast;
+[`refresh_cache`][distkl.symbolic.refresh_cache] derives them again and compares.
+[`derive_and_register`][distkl.symbolic.derive_and_register] does the whole path for a user's own
+pair: derive, compile, check against sampling, register with
+    [`distkl.register_kl`][distkl.register_kl].
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def _request(p: Family, q: Family) -> tuple[dict[str, Any], dict[str, tuple[str,
 
 def _request_key(request: dict[str, Any]) -> str:
     """A hash of what a request derives: expressions and their symbols' assumptions, in a
-    canonical order (``srepr`` lists assumptions in an order that varies between processes)."""
+    canonical order (`srepr` lists assumptions in an order that varies between processes)."""
     parts: dict[str, Any] = {}
     for key, value in request.items():
         if key in ("log_p", "log_q", "x", "num"):
@@ -162,16 +166,17 @@ def derive_expr(
     *,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> sp.Expr:
-    r"""``KL(p || q)`` in nats from two log-densities in ``x``, as a sympy expression.
+    r"""`KL(p || q)` in nats from two log-densities in `x`, as a sympy expression.
 
-    .. math::
-        \mathrm{KL}(p \| q) = \int_{\mathrm{supp}\, p} p(x) (\log p(x) - \log q(x)) \, dx
+    $$
+    \mathrm{KL}(p \| q) = \int_{\mathrm{supp}\, p} p(x) (\log p(x) - \log q(x)) \, dx
+    $$
 
-    sympy runs in a child process that is killed after ``timeout`` seconds.
+    sympy runs in a child process that is killed after `timeout` seconds.
 
     Raises:
-        DerivationTimeout: when sympy takes longer than ``timeout`` seconds.
-        DerivationError: when sympy cannot do an integral, or ``exp(log_p)`` does not integrate
+        DerivationTimeout: when sympy takes longer than `timeout` seconds.
+        DerivationError: when sympy cannot do an integral, or `exp(log_p)` does not integrate
             to one.
     """
     request: dict[str, Any] = {"log_p": sp.srepr(log_p), "log_q": sp.srepr(log_q), "x": sp.srepr(x)}
@@ -202,12 +207,12 @@ def _torch_namespace() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Derivation:
-    r"""A derived ``KL(p || q)`` in nats: the sympy expression and its torch function.
+    r"""A derived `KL(p || q)` in nats: the sympy expression and its torch function.
 
-    Symbols are the attribute names with ``_p`` or ``_q`` appended (``loc_p``, ``scale_q``).
-    Calling ``derivation(p, q)`` on two distribution objects (or ``Independent`` wrappers of
+    Symbols are the attribute names with `_p` or `_q` appended (`loc_p`, `scale_q`).
+    Calling `derivation(p, q)` on two distribution objects (or `Independent` wrappers of
     them, summed over the event) returns a tensor of shape
-    ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+    `broadcast_shapes(p.batch_shape, q.batch_shape)`.
     """
 
     p: Family
@@ -221,7 +226,7 @@ class Derivation:
 
     @property
     def latex(self) -> str:
-        """``sympy.latex`` of the expression: the single source of truth for the formula."""
+        """`sympy.latex` of the expression: the single source of truth for the formula."""
         return sp.latex(self.expr)
 
     def pretty(self, width: Optional[int] = None) -> str:
@@ -312,7 +317,7 @@ class Derivation:
         return torch.broadcast_to(out, shape)
 
     def as_rule(self) -> Callable[[Distribution, Distribution], Tensor]:
-        """The torch function with a rule's name and docstring, ready for ``register_kl``."""
+        """The torch function with a rule's name and docstring, ready for `register_kl`."""
 
         def rule(p: Distribution, q: Distribution) -> Tensor:
             return self(p, q)
@@ -339,7 +344,7 @@ def _load_cache() -> dict[str, dict[str, str]]:
 
 
 def cached_pairs() -> list[str]:
-    """The pair names (``"Normal-Laplace"``) whose derivations ship in ``cache.json``."""
+    """The pair names (`"Normal-Laplace"`) whose derivations ship in `cache.json`."""
     return sorted(_load_cache())
 
 
@@ -350,15 +355,17 @@ def derive(
     timeout: float = DEFAULT_TIMEOUT,
     cache: bool = True,
 ) -> Derivation:
-    r"""Derive ``KL(p || q)`` in nats for two families (a :class:`Family`, a class or its name).
+    r"""Derive `KL(p || q)` in nats for two families (a [`Family`][distkl.symbolic.Family], a class
+or its name).
 
-    Built-in pairs come from ``cache.json`` when its entry was derived from the same log-densities
-    (``cache=False`` derives again). When the support of ``p`` is not inside that of ``q`` the
-    result is ``+inf``.
+    Built-in pairs come from `cache.json` when its entry was derived from the same log-densities
+    (`cache=False` derives again). When the support of `p` is not inside that of `q` the
+    result is `+inf`.
 
     Raises:
-        NotImplementedError: for a name or class without a built-in :class:`Family`.
-        DerivationTimeout: when sympy takes longer than ``timeout`` seconds.
+        NotImplementedError: for a name or class without a built-in
+            [`Family`][distkl.symbolic.Family].
+        DerivationTimeout: when sympy takes longer than `timeout` seconds.
         DerivationError: when sympy cannot do the integral.
     """
     fp, fq = family(p), family(q)
@@ -375,10 +382,10 @@ def derive(
 
 
 def derived_kl(p: Distribution, q: Distribution) -> Tensor:
-    r"""``KL(p || q)`` in nats by the derived closed form of the built-in families.
+    r"""`KL(p || q)` in nats by the derived closed form of the built-in families.
 
-    Accepts ``Independent`` wrappers (summed over the event). Returns a tensor of shape
-    ``broadcast_shapes(p.batch_shape, q.batch_shape)``.
+    Accepts `Independent` wrappers (summed over the event). Returns a tensor of shape
+    `broadcast_shapes(p.batch_shape, q.batch_shape)`.
     """
     bp = p.base_dist if isinstance(p, Independent) else p
     bq = q.base_dist if isinstance(q, Independent) else q
@@ -395,17 +402,17 @@ def _builtin_pairs() -> Iterable[tuple[Family, Family]]:
 def refresh_cache(
     pairs: Optional[Iterable[str]] = None, *, write: bool = False, timeout: float = DEFAULT_TIMEOUT
 ) -> dict[str, str]:
-    """Derive the built-in pairs again and compare with ``cache.json``.
+    """Derive the built-in pairs again and compare with `cache.json`.
 
     Args:
-        pairs: pair names (``"Normal-Laplace"``); default every built-in pair.
-        write: write the fresh derivations to ``cache.json``.
+        pairs: pair names (`"Normal-Laplace"`); default every built-in pair.
+        write: write the fresh derivations to `cache.json`.
         timeout: seconds per derivation.
 
     Returns:
-        ``{pair: status}`` with status ``"same"`` (the cached form simplifies to the new one),
-        ``"new"`` (not cached before), ``"changed"``, ``"infinite"`` (supports do not nest;
-        nothing to cache) or ``"failed: <reason>"``.
+        `{pair: status}` with status `"same"` (the cached form simplifies to the new one),
+        `"new"` (not cached before), `"changed"`, `"infinite"` (supports do not nest;
+        nothing to cache) or `"failed: <reason>"`.
     """
     wanted = set(pairs) if pairs is not None else None
     old = dict(_load_cache())

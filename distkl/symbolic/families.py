@@ -28,15 +28,15 @@ class Family:
     r"""A distribution class as sympy sees it.
 
     Args:
-        cls: the :class:`~torch.distributions.Distribution` subclass.
-        log_prob: ``log p(x)`` as a sympy expression in ``x``; every other symbol is named like
-            an attribute of ``cls`` (``loc``, ``scale``), with its assumptions (``positive=True``
-            for a scale). For ``support="categories"`` the expression is in the category index
-            ``x`` and parameters are :class:`sympy.IndexedBase` (``probs[x]``) read from the last
+        cls: the `Distribution` subclass.
+        log_prob: `log p(x)` as a sympy expression in `x`; every other symbol is named like
+            an attribute of `cls` (`loc`, `scale`), with its assumptions (`positive=True`
+            for a scale). For `support="categories"` the expression is in the category index
+            `x` and parameters are `sympy.IndexedBase` (`probs[x]`) read from the last
             dimension of the attribute.
-        x: the variable of ``log_prob``.
-        support: ``(low, high)`` of ``x`` (sympy numbers, ``sympy.oo`` allowed) or
-            ``"categories"``.
+        x: the variable of `log_prob`.
+        support: `(low, high)` of `x` (sympy numbers, `sympy.oo` allowed) or
+            `"categories"`.
     """
 
     cls: type
@@ -69,8 +69,8 @@ class Family:
         return sp.sympify(lo), sp.sympify(hi)
 
     def renamed(self, suffix: str, x: sp.Symbol) -> tuple[sp.Expr, dict[str, str]]:
-        """``log_prob`` with every parameter ``a`` renamed ``a_<suffix>`` and ``x`` replaced by
-        ``x``; and the map from new symbol names to attribute names."""
+        """`log_prob` with every parameter `a` renamed `a_<suffix>` and `x` replaced by
+        `x`; and the map from new symbol names to attribute names."""
         expr = self.log_prob.subs(self.x, x)
         names: dict[str, str] = {}
         sub: dict[Any, Any] = {}
@@ -130,7 +130,8 @@ FAMILIES: dict[str, Family] = _builtin_families()
 
 
 def family(spec: Union[Family, type, str]) -> Family:
-    """The :class:`Family` for a Family, a built-in class or its name (case-insensitive)."""
+    """The [`Family`][distkl.symbolic.Family] for a Family, a built-in class or its name
+(case-insensitive)."""
     if isinstance(spec, Family):
         return spec
     if isinstance(spec, type):

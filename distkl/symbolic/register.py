@@ -25,28 +25,29 @@ def derive_and_register(
     generator: Optional[torch.Generator] = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Derivation:
-    r"""Derive ``KL(p || q)`` for a user's pair, check it against sampling, register it.
+    r"""Derive `KL(p || q)` for a user's pair, check it against sampling, register it.
 
-    The closed form is derived by sympy (:func:`derive`), compiled to torch, compared on
-    ``example`` with an independent Monte Carlo estimate (:func:`distkl.verify.check_kl`'s test,
-    :math:`|z| \le z^*` with a false-failure rate of ``1e-3`` over the example's batch), and
-    registered with :func:`distkl.registry.register_kl` as an ``"exact"`` rule, which refuses a
-    pair torch already has.
+    The closed form is derived by sympy ([`derive`][distkl.symbolic.derive.derive]), compiled to
+    torch, compared on `example` with an independent Monte Carlo estimate
+    ([`distkl.verify.check_kl`][distkl.check_kl]'s test, $|z| \le z^*$ with a false-failure rate of
+    `1e-3` over the example's batch), and registered with
+    [`distkl.registry.register_kl`][distkl.register_kl] as an `"exact"` rule, which refuses a pair
+    torch already has.
 
     Args:
-        p: the family of the first argument; its class is registered as ``type_p``.
-        q: the family of the second argument; its class is registered as ``type_q``.
-        example: an instance ``(p, q)`` of the pair to check the formula on (float64 advised).
+        p: the family of the first argument; its class is registered as `type_p`.
+        q: the family of the second argument; its class is registered as `type_q`.
+        example: an instance `(p, q)` of the pair to check the formula on (float64 advised).
         num_samples: Monte Carlo samples for the check.
         generator: makes the check reproducible.
         timeout: seconds sympy may take.
 
     Returns:
-        The :class:`Derivation`; ``kl_divergence`` now uses it for the pair.
+        The [`Derivation`][distkl.symbolic.Derivation]; `kl_divergence` now uses it for the pair.
 
     Raises:
         ValueError: if the pair is already registered, or the formula disagrees with sampling.
-        DerivationTimeout, DerivationError: as :func:`derive`.
+        DerivationTimeout, DerivationError: as [`derive`][distkl.symbolic.derive.derive].
     """
     for t in (p.cls, q.cls):
         if not (isinstance(t, type) and issubclass(t, Distribution)):
