@@ -50,7 +50,12 @@ from torch import Tensor
 from torch.distributions import Distribution, MixtureSameFamily
 
 from distkl._checks import batch_shape_of, check_positive_int, check_same_event_shape
-from distkl._gaussian import GaussianMixture, as_gaussian_mixture, is_gaussian_family
+from distkl._gaussian import (
+    GaussianMixture,
+    as_gaussian_mixture,
+    is_gaussian_family,
+    same_parameters,
+)
 from distkl._rng import rng_scope
 from distkl.density import gaussian_scorer
 
@@ -179,6 +184,10 @@ def kl_pathwise(
     m = per_unit.shape[0]
     value = per_unit.mean(0) - ent
     stderr = _stderr(per_unit.detach(), m)
+    if is_gaussian_family(q):  # equal parameters: exactly 0, as the stratified engine gives
+        same = same_parameters(gp, as_gaussian_mixture(q, role="q"))
+        value = torch.where(same, torch.zeros_like(value), value)
+        stderr = torch.where(same, torch.zeros_like(stderr), stderr)
     out_dtype = gp.loc.dtype
     return PathwiseResult(value.to(out_dtype), stderr.to(out_dtype), n)
 
