@@ -117,7 +117,8 @@ def test_kl_to_itself_is_zero(ex, device, dtype):
         twin = MixtureSameFamily(Categorical(logits=one), type(base)(logits=log_ref.unsqueeze(-2)))
     kl = kl_of(p, twin)
     assert torch.all(kl.abs() <= (1e-12 if dtype == torch.float64 else 2e-6)), (ex.id, kl)
-    assert torch.all(kl_categorical_mixture_pair(p, copy_of(p)) == 0)
+    copy_kl = kl_categorical_mixture_pair(p, copy_of(p))  # rebuilt: logits renormalised
+    assert torch.all(copy_kl.abs() <= (1e-12 if dtype == torch.float64 else 2e-6)), (ex.id, copy_kl)
 
 
 @pytest.mark.parametrize("ex", params(ROWS))

@@ -254,3 +254,26 @@ def test_site_api_reference_names_public_paths(site: Path):
         assert f'id="{name}"' in api, name
     assert [i for i in api_hooks.documented_objects() if f'id="{i}"' not in api] == []
     assert "distkl._options" not in page_text(site / "api" / "index.html")
+
+
+PYRO_MARKER = "<!-- skip: next if(True, reason=\"imports Pyro"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("pyro") is None, reason="pyro-ppl is not installed"
+)
+def test_pyro_example_runs_in_a_subprocess():
+    """The Pyro block of the Choosing page, in a fresh interpreter (importing Pyro in the test
+    process would patch torch.distributions for every later test)."""
+    text = (ROOT / "docs" / "choosing.md").read_text()
+    after = text[text.index(PYRO_MARKER) :]
+    block = after.split("```python\n", 1)[1].split("```", 1)[0]
+    preamble = (
+        "import torch, distkl\n"
+        "from torch.distributions import Independent, Normal\n"
+        "g = torch.Generator().manual_seed(0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", preamble + block], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr

@@ -209,7 +209,6 @@ NAN_MIX = (
     "issue 11 item 2 for Gaussian mixtures: a NaN mixture weight gives +inf from the 1-D "
     "quadrature (bounded_kl: the bound), not NaN; owner onedim (quadrature) / gauss (weights)"
 )
-EMPTY_MC = "issue 11 item 8: an empty batch crashes the Monte Carlo engine; owner mcengine"
 EMPTY_TORCH = (
     "torch's own KL rule for this pair crashes on an empty batch (torch, not distkl: distkl "
     "never changes what torch answers)"
@@ -237,11 +236,6 @@ COVER_JSD = (
     "a LowRank with factor 1e4 (near-disjoint; item 5 asks the same of jsd_mc); owner mcengine"
 )
 
-PATHWISE_COPY = (
-    "not in issue 11: kl_mc's few-sample path for one Gaussian p (distkl/_pathwise.py) gives "
-    "KL(p, copy of p) = 0.005 +- 0.0005 at n=256 (z ~ 10; KL(p, p) too) where the docstring "
-    "promises exactly 0; owner training"
-)
 PATHWISE_SCALAR = (
     "not in issue 11: kl_mc with a Gaussian p of batch shape () raises TypeError (reshape() "
     "without a shape) in distkl/_pathwise.py; owner training"
@@ -263,39 +257,10 @@ PATHWISE_REF = (
 # ruff: noqa: E501  (the generated table below names long row ids)
 # ---- known failures (generated from a run) ----
 _xfail(
-    PATHWISE_COPY,
-    """
-copy_is_zero Independent(Normal)-MultivariateNormal kl_mc float64
-copy_is_zero MultivariateNormal-Independent(Normal) kl_mc float64
-copy_is_zero Independent(Normal)-LowRankMultivariateNormal kl_mc float64
-copy_is_zero MixtureSameFamily(MultivariateNormal)-MultivariateNormal kl_mc float64
-copy_is_zero MultivariateNormal-MixtureSameFamily(LowRankMultivariateNormal) kl_mc float64
-copy_is_zero LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) kl_mc float64
-copy_is_zero MultivariateNormal-MultivariateNormal kl_mc float64
-copy_is_zero MultivariateNormal-LowRankMultivariateNormal kl_mc float64
-copy_is_zero LowRankMultivariateNormal-MultivariateNormal kl_mc float64
-copy_is_zero LowRankMultivariateNormal-LowRankMultivariateNormal kl_mc float64
-copy_is_zero MixtureSameFamily(MultivariateNormal)-LowRankMultivariateNormal kl_mc float64
-""",
-)
-_xfail(
     TORCH_LR32,
     """
 copy_is_zero Independent(Normal)-LowRankMultivariateNormal:dominant-factor kl float32
 copy_is_zero Independent(Normal)-LowRankMultivariateNormal:dominant-factor bounded_kl float32
-""",
-)
-_xfail(
-    EMPTY_MC,
-    """
-empty_batch MixtureSameFamily(Categorical)-Categorical kl_mc float64
-empty_batch MixtureSameFamily(Categorical)-Categorical jsd_mc float64
-empty_batch Categorical-MixtureSameFamily(Categorical) jsd_mc float64
-empty_batch MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) kl_mc float64
-empty_batch MixtureSameFamily(Categorical)-MixtureSameFamily(Categorical) jsd_mc float64
-empty_batch MixtureSameFamily(OneHotCategorical)-OneHotCategorical kl_mc float64
-empty_batch MixtureSameFamily(OneHotCategorical)-OneHotCategorical jsd_mc float64
-empty_batch OneHotCategorical-MixtureSameFamily(OneHotCategorical) jsd_mc float64
 """,
 )
 _xfail(
@@ -324,15 +289,6 @@ _xfail(
     PATHWISE_COVER,
     """
 interval_coverage Independent(Normal)-LowRankMultivariateNormal:dominant-factor kl_mc float64
-""",
-)
-_xfail(
-    PATHWISE_COPY,
-    """
-copy_is_zero LowRankMultivariateNormal-Independent(Normal) kl_mc float64
-copy_is_zero Independent(Normal)-MixtureSameFamily(Independent(Normal)) kl_mc float64
-copy_is_zero MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) kl_mc float64
-copy_is_zero Independent(Normal)-Independent(Normal) kl_mc float64
 """,
 )
 _xfail(

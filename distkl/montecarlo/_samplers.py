@@ -194,7 +194,7 @@ class GenericSampler:
                 else self.component.sample((c,))
             )
         if self.mixture:  # s: (c, *batch, K, *event): keep the drawn component of each row
-            s = s.reshape(c, bf, self.num_components, -1)
+            s = s.reshape(c, bf, self.num_components, self.event_shape.numel())
             sel = idx.reshape(c, bf, 1, 1).expand(c, bf, 1, s.shape[-1])
             x = s.gather(2, sel).reshape(c, *self.batch_shape, *self.event_shape)
         else:
@@ -206,7 +206,7 @@ class GenericSampler:
         lp = self._component_log_prob(x, idx)
         self_control = None
         if want_control and self.entropy is not None:
-            ent = self.entropy.reshape(bf, -1).expand(c, bf, -1)
+            ent = self.entropy.reshape(bf, self.num_components).expand(c, bf, -1)
             h = ent.gather(-1, idx.unsqueeze(-1)).reshape(c, *self.batch_shape)
             self_control = (lp + h).unsqueeze(-1)
         return Draw(x, self_control, None if self.reparameterized else lp)
@@ -217,7 +217,7 @@ class GenericSampler:
             return self.component.log_prob(x)
         c, bf = idx.shape
         comp_lp = self.component.log_prob(x.unsqueeze(-1 - len(self.event_shape)))  # (c, *b, K)
-        lp = comp_lp.reshape(c, bf, -1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        lp = comp_lp.reshape(c, bf, self.num_components).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         return lp.reshape(c, *self.batch_shape)
 
 
