@@ -6,7 +6,8 @@ Estimators of JS_alpha(p, q), all with ``n`` draws from each of p and q:
   mean log(q(y)/m(y))``: what one writes by hand;
 * plain   -- the same log-ratio terms on jsd_mc's own sampler (``distkl.montecarlo.expectation``,
   stratified over mixture components), which isolates the effect of the bounded terms;
-* jsd_mc  -- ``distkl.jsd.jsd_mc``: stratified draws, bounded per-point terms in [0, H(alpha)].
+* jsd_mc  -- ``distkl.montecarlo.jsd_mc``: stratified draws, bounded per-point terms in
+  [0, H(alpha)].
 
 Variances are measured over ``reps`` independent replicates run as one batch (the pair is
 expanded to batch shape ``(reps,)``); "exact" is the quadrature value for 1-D pairs and the mean
@@ -35,8 +36,7 @@ from torch.distributions import (
 
 import distkl
 from distkl.density import mixture_log_prob
-from distkl.jsd import jsd_mc
-from distkl.montecarlo import expectation
+from distkl.montecarlo import expectation, jsd_mc
 
 
 def pairs(device: torch.device) -> list[tuple[str, Distribution, Distribution]]:

@@ -24,7 +24,6 @@ from typing import Any
 
 import distkl.latent  # noqa: F401  (kl_free_bits, kl_annealing)
 from distkl import functional
-from distkl import jsd as _jsd  # noqa: F401  (registers the Gaussian JSD rules; drop with jsd.py)
 from distkl._options import Options, get_options, options
 from distkl.approx import kl_unscented, kl_variational
 from distkl.bounded import bounded_kl, js_distance, js_divergence_normalized

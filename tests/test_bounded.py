@@ -17,7 +17,6 @@ from torch.distributions import (
     kl_divergence,
 )
 
-import distkl.jsd  # noqa: F401  (registers the JSD rules)
 from distkl._logspace import binary_entropy
 from distkl.bounded import (
     SATURATIONS,

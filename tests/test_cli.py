@@ -15,7 +15,6 @@ from torch.distributions import kl as torch_kl
 
 import distkl
 import distkl.examples
-import distkl.jsd  # noqa: F401  (JSD rules; `import distkl` may not import them yet)
 import distkl.rules.categorical  # noqa: F401
 import distkl.rules.mixture  # noqa: F401
 import distkl.rules.normal  # noqa: F401

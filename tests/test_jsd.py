@@ -34,9 +34,10 @@ from torch.distributions import (
 
 import distkl
 import distkl.registry as registry
-from distkl._logspace import binary_entropy
-from distkl.jsd import SUPPORTED, js_from_log_probs, jsd_mc
+from distkl._logspace import binary_entropy, js_from_log_probs
+from distkl.montecarlo import jsd_mc
 from distkl.registry import js_divergence, jsd_rules, register_jsd
+from distkl.rules.mixture import JSD_SUPPORTED as SUPPORTED
 from tests.conftest import Z
 from tests.examples import EDGE, INFINITE, by_family, params
 

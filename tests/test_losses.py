@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, Independent, Normal, kl_divergence
 
 import distkl
-import distkl.jsd  # noqa: F401  (registers the JSD rules)
 from distkl import functional
 from distkl.bounded import bounded_kl, js_divergence_normalized
 from distkl.losses import REDUCTIONS, JSDLoss, KLLoss

@@ -13,7 +13,6 @@ import torch
 from torch.distributions import Categorical, Independent, Normal
 
 import distkl
-import distkl.jsd  # noqa: F401  (JSD rules; `import distkl` may not import them yet)
 import distkl.rules.categorical  # noqa: F401
 import distkl.rules.mixture  # noqa: F401
 import distkl.rules.normal  # noqa: F401
