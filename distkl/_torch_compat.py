@@ -53,6 +53,8 @@ def clear_kl_cache() -> None:
 
 def batch_mahalanobis(tril: Tensor, diff: Tensor) -> Tensor:
     r"""`diff^T (L L^T)^{-1} diff` over broadcast batches; one solve per unique `L`."""
+    if diff.numel() == 0 or tril.numel() == 0:  # torch's helper divides by the batch size
+        return diff.new_zeros(torch.broadcast_shapes(tril.shape[:-2], diff.shape[:-1]))
     return _batch_mahalanobis(tril, diff)
 
 

@@ -213,10 +213,6 @@ EMPTY_TORCH = (
     "torch's own KL rule for this pair crashes on an empty batch (torch, not distkl: distkl "
     "never changes what torch answers)"
 )
-EMPTY_MAHA = (
-    "not in issue 11: distkl's Independent(Normal)-MultivariateNormal rule crashes on an empty "
-    "batch (ZeroDivisionError in torch's _batch_mahalanobis via _torch_compat); owner gauss"
-)
 LOWRANK32 = "issue 11 item 7: NaN for a factor row dominating its diagonal (float32); owner gauss"
 TORCH_LR32 = (
     "torch's LowRank-LowRank rule gives KL(p, copy of p) = -0.5 in float32 for a factor of 1e4 "
@@ -261,13 +257,6 @@ _xfail(
     """
 copy_is_zero Independent(Normal)-LowRankMultivariateNormal:dominant-factor kl float32
 copy_is_zero Independent(Normal)-LowRankMultivariateNormal:dominant-factor bounded_kl float32
-""",
-)
-_xfail(
-    EMPTY_MAHA,
-    """
-empty_batch Independent(Normal)-MultivariateNormal kl float64
-empty_batch Independent(Normal)-MultivariateNormal bounded_kl float64
 """,
 )
 _xfail(

@@ -90,3 +90,9 @@ def test_kl_memo_is_torchs_live_memo() -> None:
     memo = compat.kl_memo()
     assert memo is torch.distributions.kl._KL_MEMOIZE
     assert memo[Normal, Normal] is torch.distributions.kl._kl_normal_normal
+
+
+def test_batch_mahalanobis_of_an_empty_batch_is_empty() -> None:
+    L = torch.eye(2, dtype=torch.float64)
+    got = compat.batch_mahalanobis(L, torch.zeros(0, 2, dtype=torch.float64))
+    assert got.shape == (0,)
