@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.distributions import Distribution
 
 import distkl  # noqa: F401  (registers the rules)
+from distkl._torch_compat import default_validate_args
 
 DEVICES = [
     "cpu",
@@ -30,6 +32,16 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 @pytest.fixture(params=DTYPES, ids=["float32", "float64"])
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_default_validation():
+    """A test module that leaves torch's default argument validation off cannot leak that to the
+    next module. (Compiling a function that builds distributions turns it off as a side effect in
+    torch 2.13, and test_compile's cases run in that state after its first one.)"""
+    before = default_validate_args()
+    yield
+    Distribution.set_default_validate_args(before)
 
 
 @pytest.fixture(autouse=True)
