@@ -3,36 +3,21 @@ sample) train a small Bayesian network; the ELBO gain is a z-test, as for the VA
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from distkl.quadrature import kl_composite
+from tests.example_scripts import Z_GAIN, load_example, step_noise
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 120
 FIRST, WINDOW = 15, 30  # steps averaged at the start and at the end
 SMALL = {"steps": STEPS, "hidden": 8, "num_train": 64, "num_test": 64, "lr": 3e-2}
-Z = 4.0  # one-sided normal tail 3e-5: a false failure per ~30,000 runs if the ELBO did not move
+Z = Z_GAIN
 
 
-def _load_example():
-    name = "distkl_examples_bayes_by_backprop"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "bayes_by_backprop.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bbb = _load_example()
+bbb = load_example("bayes_by_backprop")
 
 
 @pytest.fixture(autouse=True)
@@ -43,11 +28,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _step_noise(xs: list[float]) -> float:
-    """Per-step noise of a trending series from successive differences (von Neumann, 1941)."""
-    diffs = [(b - a) ** 2 for a, b in zip(xs, xs[1:])]
-    return math.sqrt(sum(diffs) / len(diffs) / 2)
-
 
 @pytest.mark.parametrize("kl", ["distkl", "sample"])
 def test_both_kl_terms_learn(kl):
@@ -55,7 +35,7 @@ def test_both_kl_terms_learn(kl):
     assert len(h.elbo) == STEPS and all(math.isfinite(v) for v in h.elbo)
     assert math.isfinite(h.test_log_lik) and h.seconds > 0
     m0, m1 = sum(h.elbo[:FIRST]) / FIRST, sum(h.elbo[-WINDOW:]) / WINDOW
-    stderr = _step_noise(h.elbo) * math.sqrt(1 / FIRST + 1 / WINDOW)
+    stderr = step_noise(h.elbo) * math.sqrt(1 / FIRST + 1 / WINDOW)
     assert m1 - m0 > Z * stderr, (kl, m0, m1, stderr)
 
 

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.example_scripts import Z_GAIN, load_example, step_noise
+
 STEPS = 200
 FIRST, WINDOW = 20, 40  # steps averaged at the start and at the end
 FAST = {"eval_every": STEPS, "eval_samples": 64, "num_train": 2048, "num_test": 256}
-Z = 4.0  # one-sided normal tail 3e-5: a false failure per ~30,000 runs if the ELBO did not move
+Z = Z_GAIN
 
 
-def _load_example():
-    name = "distkl_examples_vae"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "vae.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-vae = _load_example()
+vae = load_example("vae")
 
 
 @pytest.fixture(autouse=True)
@@ -41,22 +27,13 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _step_noise(xs: list[float]) -> float:
-    """Per-step noise of a trending series, from successive differences (von Neumann, 1941).
-
-    ``sigma^2 = mean((x[t+1] - x[t])^2) / 2``: unaffected by a slow trend, unlike the variance
-    of a window taken while the ELBO is still climbing.
-    """
-    diffs = [(b - a) ** 2 for a, b in zip(xs, xs[1:])]
-    return math.sqrt(sum(diffs) / len(diffs) / 2)
-
 
 def assert_elbo_improves(h) -> None:
     """Mean ELBO of the last WINDOW steps exceeds that of the first FIRST steps by Z stderrs."""
     assert all(math.isfinite(v) for v in h.elbo + h.recon + h.kl + h.eval_elbo), h.prior
     m0 = sum(h.elbo[:FIRST]) / FIRST
     m1 = sum(h.elbo[-WINDOW:]) / WINDOW
-    sigma = _step_noise(h.elbo)
+    sigma = step_noise(h.elbo)
     stderr = sigma * math.sqrt(1 / FIRST + 1 / WINDOW)
     assert m1 - m0 > Z * stderr, (
         f"prior={h.prior} steps={len(h.elbo)}: mean ELBO first {FIRST} steps {m0:.3f}, "
