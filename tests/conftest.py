@@ -44,6 +44,15 @@ def _restore_default_validation():
     Distribution.set_default_validate_args(before)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny matrices: faster, as the examples' CLIs do)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seeded_global_rng():
     """Tests that draw from torch's global generator see the same numbers in any order."""
