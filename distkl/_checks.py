@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,6 +16,7 @@ from torch.distributions import Distribution, Independent, MixtureSameFamily
 
 __all__ = [
     "batch_shape_of",
+    "broadcast_shape",
     "check_choice",
     "check_finite",
     "check_positive_int",
@@ -110,10 +111,34 @@ def describe(d: Distribution) -> str:
     return type(d).__name__
 
 
+def broadcast_shape(*shapes: Sequence[int]) -> torch.Size:
+    """`torch.broadcast_shapes(*shapes)` for concrete shapes, in plain Python.
+
+    torch's version goes through its symbolic-shape machinery (about 40 us a call); a training
+    step calls this a few times, so the difference is a measurable part of a small step.
+
+    Raises:
+        RuntimeError: the shapes do not broadcast (as torch's does).
+    """
+    ndim = 0
+    for shape in shapes:
+        ndim = ndim if len(shape) < ndim else len(shape)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, ndim - len(shape)):
+            if size != 1 and out[i] != size:
+                if out[i] != 1:
+                    raise RuntimeError(
+                        f"shapes {[tuple(s) for s in shapes]} do not broadcast (dimension {i})."
+                    )
+                out[i] = size
+    return torch.Size(out)
+
+
 def batch_shape_of(p: Distribution, q: Distribution) -> torch.Size:
     """`torch.broadcast_shapes(p.batch_shape, q.batch_shape)` with a clear error."""
     try:
-        return torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+        return broadcast_shape(p.batch_shape, q.batch_shape)
     except RuntimeError:
         raise ValueError(
             f"p and q batch shapes must broadcast, got {tuple(p.batch_shape)} and "

@@ -28,8 +28,8 @@ from torch.distributions import (
     Normal,
 )
 
-from distkl._checks import batch_shape_of, check_same_event_shape, unsupported
-from distkl._torch_compat import exact_log_probs
+from distkl._checks import batch_shape_of, broadcast_shape, check_same_event_shape, unsupported
+from distkl._torch_compat import exact_log_probs, validated
 
 __all__ = [
     "GaussianMixture",
@@ -180,11 +180,13 @@ def _component_params(
     """(loc (*b, D), scale_diag (*b, D) | None, scale_tril (*b, D, D) | None, event_shape)."""
     if isinstance(d, Normal):
         loc, scale = torch.broadcast_tensors(d.loc, d.scale)
-        return loc.unsqueeze(-1), _nan_where_negative(scale).unsqueeze(-1), None, torch.Size()
+        scale = scale if validated(d) else _nan_where_negative(scale)
+        return loc.unsqueeze(-1), scale.unsqueeze(-1), None, torch.Size()
     if isinstance(d, Independent) and isinstance(d.base_dist, Normal):
         base = d.base_dist
         loc, scale = torch.broadcast_tensors(base.loc, base.scale)
-        return loc, _nan_where_negative(scale), None, d.event_shape
+        scale = scale if validated(base) else _nan_where_negative(scale)
+        return loc, scale, None, d.event_shape
     if isinstance(d, MultivariateNormal):
         return d.loc, None, _nan_where_negative_diagonal(d.scale_tril), d.event_shape
     if isinstance(d, LowRankMultivariateNormal):
@@ -218,7 +220,7 @@ def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> Gauss
         gm = GaussianMixture(log_w, loc, sd, st, ev)
         # MixtureSameFamily lets the weights' and the components' batch shapes merely broadcast
         # (weights (K,) with components (B, K)): give every field the one broadcast batch shape.
-        batch = torch.broadcast_shapes(log_w.shape[:-1], loc.shape[:-2])
+        batch = broadcast_shape(log_w.shape[:-1], loc.shape[:-2])
         if log_w.shape[:-1] == batch and loc.shape[:-2] == batch:
             return gm
         return gm.expand(batch)
@@ -315,7 +317,7 @@ def same_parameters(mp: GaussianMixture, mq: GaussianMixture) -> Tensor:
     components is not recognised). All `False` when the numbers of components or the
     dimensions differ.
     """
-    batch = torch.broadcast_shapes(mp.batch_shape, mq.batch_shape)
+    batch = broadcast_shape(mp.batch_shape, mq.batch_shape)
     if mp.num_components != mq.num_components or mp.dim != mq.dim:
         return torch.zeros(batch, dtype=torch.bool, device=mp.loc.device)
     mp, mq = mp.expand(batch), mq.expand(batch)

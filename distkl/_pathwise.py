@@ -160,11 +160,12 @@ def kl_pathwise(
     check_same_event_shape(p, q)
     batch = batch_shape_of(p, q)
     gp = as_gaussian_mixture(p, role="p")
-    eps, z, paired = _draws(p, gp, num_samples, samples, generator, antithetic, q)
+    gq = as_gaussian_mixture(q, role="q") if is_gaussian_family(q) else None
+    eps, z, paired = _draws(p, gp, num_samples, samples, generator, antithetic, gq)
     n = z.shape[0]
     pad = (1,) * (len(batch) - len(p.batch_shape))
     z_b = z.reshape(n, *pad, *z.shape[1:])
-    y, c2, base = _log_q_terms(q, gp, z_b, control_variates, batch)  # -log q, control, baseline
+    y, c2, base = _log_q_terms(q, gp, gq, z_b, control_variates, batch)  # -log q, control, baseline
     c1 = 0.5 * (gp.dim - eps.square().sum(-1))  # (n, *batch_p), detached
     c1 = c1.reshape(n, *pad, *c1.shape[1:]).to(y.dtype).expand(n, *batch)
     ent = (0.5 * gp.dim * (1.0 + _LOG_2PI) + 0.5 * gp.log_det_cov()[..., 0]).to(y.dtype)
@@ -184,8 +185,8 @@ def kl_pathwise(
     m = per_unit.shape[0]
     value = per_unit.mean(0) - ent
     stderr = _stderr(per_unit.detach(), m)
-    if is_gaussian_family(q):  # equal parameters: exactly 0, as the stratified engine gives
-        same = same_parameters(gp, as_gaussian_mixture(q, role="q"))
+    if gq is not None and gq.num_components == 1:  # equal parameters: exactly 0, as the
+        same = same_parameters(gp, gq)  # stratified engine gives (a mixture never equals p)
         value = torch.where(same, torch.zeros_like(value), value)
         stderr = torch.where(same, torch.zeros_like(stderr), stderr)
     out_dtype = gp.loc.dtype
@@ -199,7 +200,7 @@ def _draws(
     samples: Optional[Tensor],
     generator: Optional[torch.Generator],
     antithetic: Optional[bool],
-    q: Distribution,
+    gq: Optional[GaussianMixture],
 ) -> tuple[Tensor, Tensor, bool]:
     """`(eps (n, *batch_p, D) detached, z (n, *batch_p, *event), paired)`."""
     bp, ev = p.batch_shape, p.event_shape
@@ -231,12 +232,13 @@ def _draws(
     n = 1 if num_samples is None else check_positive_int("num_samples", num_samples)
     with rng_scope(generator, loc.device):
         eps = torch.randn((n, *loc.shape), dtype=loc.dtype, device=loc.device)
-    paired = n % 2 == 0 and antithetic is not False and (antithetic or is_gaussian_family(q))
+    paired = n % 2 == 0 and antithetic is not False and (antithetic or gq is not None)
     if paired:  # mirror the second half where p is narrow (everywhere with antithetic=True)
         h = n // 2
         mirror = -eps[:h]
         if not antithetic:
-            mirror = torch.where(_narrow(gp, q).unsqueeze(-1), mirror, eps[h:])
+            assert gq is not None
+            mirror = torch.where(_narrow(gp, gq).unsqueeze(-1), mirror, eps[h:])
         eps = torch.cat([eps[:h], mirror], 0)
     if gp.scale_diag is not None:
         x = loc + gp.scale_diag[..., 0, :] * eps
@@ -245,9 +247,8 @@ def _draws(
     return eps, x.reshape(n, *bp, *ev), paired
 
 
-def _narrow(gp: GaussianMixture, q: Distribution) -> Tensor:
+def _narrow(gp: GaussianMixture, gq: GaussianMixture) -> Tensor:
     """Mask `(*batch_p)`: p's largest scale below ANTITHETIC_RATIO x q's smallest scale."""
-    gq = as_gaussian_mixture(q, role="q")
     sp = gp.scale_diag if gp.scale_diag is not None else gp.tril().diagonal(dim1=-2, dim2=-1)
     sq = gq.scale_diag if gq.scale_diag is not None else gq.tril().diagonal(dim1=-2, dim2=-1)
     smallest = sq.detach().amin((-1, -2)).min()  # one number for the whole call
@@ -257,6 +258,7 @@ def _narrow(gp: GaussianMixture, q: Distribution) -> Tensor:
 def _log_q_terms(
     q: Distribution,
     gp: GaussianMixture,
+    gq: Optional[GaussianMixture],
     z: Tensor,
     controls: bool,
     batch: torch.Size,
@@ -270,38 +272,41 @@ def _log_q_terms(
     n = z.shape[0]
     mu = gp.loc[..., 0, :].reshape(gp.loc.shape[:-2] + gp.event_shape)
     mu = mu.reshape(1, *(1,) * (z.dim() - 1 - mu.dim()), *mu.shape)
-    x = torch.cat([z, mu.expand(1, *z.shape[1:])], 0) if controls else z
-    if not is_gaussian_family(q):
-        lq = q.log_prob(x)
-        lq = lq.expand(lq.shape[0], *batch)
-        base = -lq[n] if controls else lq.new_zeros(batch)
-        return -lq[:n], None, base
-    gq = as_gaussian_mixture(q, role="q")
-    comp = _component_log_prob(gq, x)  # (n [+1], *batch, Kq)
+    mu = mu.expand(1, *z.shape[1:]).detach()
+    if gq is None:
+        lq = q.log_prob(z).expand(n, *batch)
+        if not controls:
+            return -lq, None, lq.new_zeros(batch)
+        with torch.no_grad():  # the baseline and the matched component need no gradient
+            base = -q.log_prob(mu).expand(1, *batch)[0]
+        return -lq, None, base
+    comp, factors = _component_log_prob(gq, z)  # (n, *batch, Kq)
     lw = gq.log_weights.to(comp.dtype)
-    lq = torch.logsumexp(comp + lw, -1).expand(comp.shape[0], *batch)
+    lq = torch.logsumexp(comp + lw, -1).expand(n, *batch)
     if not controls:
         return -lq, None, lq.new_zeros(batch)
+    with torch.no_grad():
+        comp_mu = _component_log_prob(gq, mu, factors)[0][0]  # (*batch, Kq)
+        base = -torch.logsumexp(comp_mu + lw, -1).expand(batch)
     if gp.scale_diag is None or gq.scale_diag is None:
-        return -lq[:n], None, -lq[n]
-    return -lq[:n], _matched_control(gp, gq, comp.detach(), z, batch), -lq[n].detach()
+        return -lq, None, base
+    return -lq, _matched_control(gp, gq, comp_mu, z, batch), base
 
 
 def _matched_control(
-    gp: GaussianMixture, gq: GaussianMixture, comp: Tensor, z: Tensor, batch: torch.Size
+    gp: GaussianMixture, gq: GaussianMixture, comp_mu: Tensor, z: Tensor, batch: torch.Size
 ) -> Tensor:
     r"""$c_2 = \log q_j(z) - \mathbb{E}_p[\log q_j]$, `(n, *batch)`, for diagonal p and q.
 
-    $j$ maximises $\log v_j + \mathbb{E}_p[\log q_j]$ (from `comp`, the detached component
-    log-densities at the samples and, last, at $\mu$). q's parameters enter detached: $c_2$ has
+    $j$ maximises $\log v_j + \mathbb{E}_p[\log q_j]$ (from `comp_mu`, the component
+    log-densities at $\mu$, computed without gradient). q's parameters enter detached: $c_2$ has
     zero mean for every value of p's parameters, so its gradient with respect to them is a
     zero-mean control; a gradient into q's parameters would add noise there (measured: up to
     2x at D = 2). The normalising constants cancel:
     $c_2 = -\tfrac12 \sum_d [(z_d - m_{jd})^2 - (\mu_d - m_{jd})^2 - \sigma_d^2] / s_{jd}^2$.
     """
-    n = z.shape[0]
     assert gp.scale_diag is not None and gq.scale_diag is not None
-    dt = comp.dtype
+    dt = comp_mu.dtype
     var_p = gp.scale_diag[..., 0, :].to(dt).square()  # (*bp, D)
     var_p = var_p.reshape(*(1,) * (len(batch) + 1 - var_p.dim()), *var_p.shape)  # (*batch', D)
     mu = gp.loc[..., 0, :].to(dt)
@@ -310,7 +315,7 @@ def _matched_control(
     loc = gq.loc.detach().to(dt)
     with torch.no_grad():
         trace = (var_p.unsqueeze(-2) * prec).sum(-1)  # (*batch, Kq)
-        score = comp[n] - 0.5 * trace + gq.log_weights.to(dt)
+        score = comp_mu - 0.5 * trace + gq.log_weights.to(dt)
         j = score.argmax(-1, keepdim=True).unsqueeze(-1)  # (*batch, 1, 1)
     kq, d = loc.shape[-2:]
     m = loc.expand(*batch, kq, d).gather(-2, j.expand(*batch, 1, d)).squeeze(-2)  # (*batch, D)
@@ -320,21 +325,26 @@ def _matched_control(
     return -0.5 * (((zd - m).square() - centred) * a).sum(-1)
 
 
-def _component_log_prob(gq: GaussianMixture, x: Tensor) -> Tensor:
-    """`log q_j(x)` of shape `(*sample, *batch, Kq)`.
+def _component_log_prob(
+    gq: GaussianMixture, x: Tensor, factors: Optional[tuple[Tensor, Tensor]] = None
+) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+    """`log q_j(x)` of shape `(*sample, *batch, Kq)`, and the factors to reuse.
 
     Small diagonal problems elementwise (fewest operations: at a VAE's sizes the time is the
-    number of operations, not their size); everything else by `GaussianScorer`'s GEMMs.
+    number of operations, not their size); everything else by `GaussianScorer`'s GEMMs. The
+    elementwise path returns `(1 / scale, log normaliser)`, which a second call (at the mean,
+    without gradient) takes back as `factors` instead of recomputing them.
     """
     if gq.scale_diag is not None:
         xs = x.unsqueeze(-1) if len(gq.event_shape) == 0 else x
-        k, d = gq.num_components, gq.dim
-        if xs.numel() * k <= ELEMENTWISE_LIMIT:
-            inv = gq.scale_diag.reciprocal()  # (*bq, K, D)
+        if xs.numel() * gq.num_components <= ELEMENTWISE_LIMIT:
+            if factors is None:
+                inv = gq.scale_diag.reciprocal()  # (*bq, K, D)
+                factors = (inv, inv.log().sum(-1) - 0.5 * gq.dim * _LOG_2PI)
+            inv, log_norm = factors
             std = (xs.unsqueeze(-2) - gq.loc) * inv  # (*sample, *batch, K, D)
-            log_norm = inv.log().sum(-1) - 0.5 * d * _LOG_2PI
-            return log_norm - 0.5 * std.square().sum(-1)
-    return gaussian_scorer(gq, precise=True).component_log_prob(x)
+            return log_norm - 0.5 * std.square().sum(-1), factors
+    return gaussian_scorer(gq, precise=True).component_log_prob(x), None
 
 
 def _loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) -> Optional[Tensor]:

@@ -28,6 +28,7 @@ __all__ = [
     "capacitance_tril",
     "clear_kl_cache",
     "default_validate_args",
+    "validated",
     "exact_log_probs",
     "kl_memo",
     "kl_table",
@@ -85,6 +86,14 @@ def built_from_probs(d: Categorical) -> bool:
 def default_validate_args() -> bool:
     """torch's default for `validate_args=None` (`Distribution.set_default_validate_args`)."""
     return bool(Distribution._validate_args)
+
+
+def validated(d: Distribution) -> bool:
+    """True when `d` checked its parameters at construction (`validate_args` in force).
+
+    A validated `Normal` cannot hold a negative scale, so callers can skip re-checking it.
+    """
+    return bool(d._validate_args)
 
 
 def exact_log_probs(d: Categorical) -> Tensor:
