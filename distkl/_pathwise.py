@@ -359,6 +359,9 @@ def _loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) 
     if m * max(1, batch_p.numel()) - 1 < MIN_FIT_UNITS:
         return None
     k = units.shape[-1] - 1
+    # A NaN (or infinite) unit, e.g. from a NaN parameter in one batch element, is left out of
+    # the pooled statistics: it must make its own element NaN, not every element's coefficients.
+    units = torch.where(torch.isfinite(units).all(-1, keepdim=True), units, 0.0)
     outer = (units.unsqueeze(-1) * units[..., 1:].unsqueeze(-2)).sum_to_size(
         m, *pad, *batch_p, k + 1, k
     )  # (m, *pad, *bp, 1 + k, k): rows t, c_1[, c_2] times columns c_1[, c_2]
