@@ -53,7 +53,9 @@ from distkl._checks import batch_shape_of, check_positive_int, check_same_event_
 from distkl._gaussian import (
     GaussianMixture,
     as_gaussian_mixture,
+    half_log_det,
     is_gaussian_family,
+    pairwise_kl,
     same_parameters,
 )
 from distkl._rng import rng_scope
@@ -265,9 +267,11 @@ def _log_q_terms(
 ) -> tuple[Tensor, Optional[Tensor], Tensor]:
     r"""`(-log q(z) (n, *batch), c_2 (n, *batch) or None, baseline (*batch))`.
 
-    One evaluation of $\log q$ at the samples and, for the controls, at $\mu$ (in the same call).
-    The baseline approximates $\mathbb{E}_p[-\log q]$ (only to centre the regression; any value
-    independent of the samples keeps the estimate unbiased).
+    One evaluation of $\log q$ at the samples (with gradient) and, for the matched control, of
+    q's components at $\mu$ (without). The baseline approximates $\mathbb{E}_p[-\log q]$ per pair
+    (only to centre the regression; any value independent of the samples keeps the estimate
+    unbiased, but a baseline off by a pair-dependent constant makes the pooled fit's standard
+    error too small): the best Gaussian cross-entropy for a Gaussian q, $-\log q(\mu)$ otherwise.
     """
     n = z.shape[0]
     mu = gp.loc[..., 0, :].reshape(gp.loc.shape[:-2] + gp.event_shape)
@@ -285,18 +289,25 @@ def _log_q_terms(
     lq = torch.logsumexp(comp + lw, -1).expand(n, *batch)
     if not controls:
         return -lq, None, lq.new_zeros(batch)
+    if gp.scale_diag is None or gq.scale_diag is None:
+        return -lq, None, _cross_entropy_baseline(gp, gq, batch)
     with torch.no_grad():
         comp_mu = _component_log_prob(gq, mu, factors)[0][0]  # (*batch, Kq)
-        base = -torch.logsumexp(comp_mu + lw, -1).expand(batch)
-    if gp.scale_diag is None or gq.scale_diag is None:
-        return -lq, None, base
-    return -lq, _matched_control(gp, gq, comp_mu, z, batch), base
+    c2, base = _matched_control(gp, gq, comp_mu, z, batch)
+    return -lq, c2, base
 
 
 def _matched_control(
     gp: GaussianMixture, gq: GaussianMixture, comp_mu: Tensor, z: Tensor, batch: torch.Size
-) -> Tensor:
-    r"""$c_2 = \log q_j(z) - \mathbb{E}_p[\log q_j]$, `(n, *batch)`, for diagonal p and q.
+) -> tuple[Tensor, Tensor]:
+    r"""$c_2 = \log q_j(z) - \mathbb{E}_p[\log q_j]$, `(n, *batch)`, for diagonal p and q, and
+    the baseline $-\log v_j - \mathbb{E}_p[\log q_j]$ `(*batch)` (detached).
+
+    The baseline centres the regression's target $-\log q(z)$ per pair: exactly its mean when
+    q is one Gaussian, close to it when one component dominates. A baseline off by a constant
+    that differs between pairs (such as $-\log q(\mu)$, off by $\tfrac12\sum_d \sigma_d^2 /
+    s_d^2$) distorts the pooled, intercept-free fit: the estimate stays unbiased but its standard
+    error was up to 2.7 times too small (`tests/test_properties.py`, the Normal-Normal row).
 
     $j$ maximises $\log v_j + \mathbb{E}_p[\log q_j]$ (from `comp_mu`, the component
     log-densities at $\mu$, computed without gradient). q's parameters enter detached: $c_2$ has
@@ -322,7 +333,16 @@ def _matched_control(
     a = prec.expand(*batch, kq, d).gather(-2, j.expand(*batch, 1, d)).squeeze(-2)
     zd = z.to(dt).unsqueeze(-1) if len(gp.event_shape) == 0 else z.to(dt)
     centred = (mu - m).square() + var_p
-    return -0.5 * (((zd - m).square() - centred) * a).sum(-1)
+    return -0.5 * (((zd - m).square() - centred) * a).sum(-1), -score.amax(-1)
+
+
+def _cross_entropy_baseline(gp: GaussianMixture, gq: GaussianMixture, batch: torch.Size) -> Tensor:
+    r"""$\min_j\,[-\log v_j + H(p, q_j)]$ `(*batch)`, detached: the mean of $-\log q(z)$ when q
+    is one Gaussian, close to it when one component dominates (see `_matched_control`)."""
+    with torch.no_grad():
+        cross = pairwise_kl(gp, gq)[..., 0, :] - gq.log_weights  # KL(p || q_j) - log v_j
+        entropy = 0.5 * gp.dim * (1.0 + _LOG_2PI) + half_log_det(gp)[..., 0]
+        return (cross.amin(-1) + entropy).expand(batch)
 
 
 def _component_log_prob(

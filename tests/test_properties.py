@@ -240,15 +240,6 @@ PATHWISE_EMPTY = (
     "issue 11 item 8 in the new distkl/_pathwise.py: an empty batch raises min() of an empty "
     "tensor; owner training"
 )
-PATHWISE_COVER = (
-    "kl_mc's pathwise path: the 95% interval covers about 0.66 of 64 seeds for N(0, 1) against "
-    "a LowRank with factor 1e4 (item 5 asks for honest intervals); owner training"
-)
-
-PATHWISE_REF = (
-    "not in issue 11: kl_mc's pathwise path (one Gaussian p, after the training merge) misses "
-    "torch's exact Normal-Normal KL by more than Z stderr at n=1024; owner training"
-)
 
 # ruff: noqa: E501  (the generated table below names long row ids)
 # ---- known failures (generated from a run) ----
@@ -275,12 +266,6 @@ empty_batch LowRankMultivariateNormal-LowRankMultivariateNormal bounded_kl float
 """,
 )
 _xfail(
-    PATHWISE_COVER,
-    """
-interval_coverage Independent(Normal)-LowRankMultivariateNormal:dominant-factor kl_mc float64
-""",
-)
-_xfail(
     NAN_MIX,
     """
 nan_in_nan_out MixtureSameFamily(Normal)-MixtureSameFamily(Normal) jsd_mc float64
@@ -298,12 +283,6 @@ nan_in_nan_out MixtureSameFamily(Normal)-Normal:zero-weight-component jsd_mc flo
 nan_in_nan_out MixtureSameFamily(Normal)-Normal:tiny-far-component kl_mc float64
 nan_in_nan_out MixtureSameFamily(Normal)-Normal:tiny-far-component jsd_mc float64
 nan_in_nan_out Normal-MixtureSameFamily(Normal):switching-components jsd_mc float64
-""",
-)
-_xfail(
-    PATHWISE_REF,
-    """
-estimate_near_reference Normal-Normal kl_mc float64
 """,
 )
 # ---- end of known failures ----
