@@ -9,7 +9,8 @@ makes, so a torch release that moves one fails loudly in CI instead of silently 
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ __all__ = [
     "clear_kl_cache",
     "default_validate_args",
     "validated",
+    "first_order_backward",
     "exact_log_probs",
     "kl_memo",
     "kl_table",
@@ -94,6 +96,28 @@ def validated(d: Distribution) -> bool:
     A validated `Normal` cannot hold a negative scale, so callers can skip re-checking it.
     """
     return bool(d._validate_args)
+
+
+def first_order_backward(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an `autograd.Function.backward` whose gradients are constants saved by forward.
+
+    A backward run with `create_graph=True` raises a `RuntimeError` saying so, instead of
+    returning first derivatives that a second `grad` would silently treat as constants
+    (`torch.autograd.function.once_differentiable` raises only when the incoming gradient itself
+    requires grad, and otherwise drops this function's part of a Hessian without a word).
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: Any) -> Any:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "distkl: this rule computes first derivatives only, and create_graph=True asks "
+                "for more (second derivatives). Compute this KL with "
+                "distkl.options(method='mc') inside such a graph."
+            )
+        return backward(ctx, *grads)
+
+    return wrapper
 
 
 def exact_log_probs(d: Categorical) -> Tensor:

@@ -484,5 +484,3 @@ def js_divergence(p: Distribution, q: Distribution, *, skew: float = 0.5) -> Ten
             f"{type(q).__name__}; registered pairs: {registered}."
         )
     return fn(p, q, alpha)
-
-

@@ -22,6 +22,7 @@ from distkl.quadrature._rule import (
     log_densities,
     scalar_mixture,
 )
+from distkl.quadrature._shared import kl_normal_shared_mixture, shared_prior_applies
 
 __all__ = ["kl_quadrature", "kl_composite", "jsd_quadrature", "expect_1d"]
 
@@ -60,8 +61,16 @@ def kl_quadrature(p: Distribution, q: Distribution, *, nodes: int = 128) -> Tens
     mp, mq, dtype = float64_pair(p, q)
     if mp.num_components == 1:  # one Normal p: closed-form envelope + remainder rule
         (mu, sigma), (nu, tau) = loc_scale(mp), loc_scale(mq)
+        mu, sigma = mu[..., 0], sigma[..., 0]
+        flat = mu.reshape(-1)
+        lv, loc, scale = (t.reshape(-1, t.shape[-1])[0] for t in (mq.log_weights, nu, tau))
+        if q.batch_shape.numel() == 1 and shared_prior_applies(flat, lv):
+            # Many posteriors, one prior (a Bayesian network): product weights shared by all.
+            kl = kl_normal_shared_mixture(flat, sigma.reshape(-1), lv, loc, scale)
+            if kl is not None:
+                return kl.reshape(mu.shape).to(dtype)
         n = max(2, -(-nodes // 16))
-        kl = kl_normal_mixture_tensors(mu[..., 0], sigma[..., 0], mq.log_weights, nu, tau, n=n)
+        kl = kl_normal_mixture_tensors(mu, sigma, mq.log_weights, nu, tau, n=n)
         return kl.to(dtype)
     return _composite_kl(mp, mq, nodes).to(dtype)
 

@@ -131,7 +131,7 @@ FAMILIES: dict[str, Family] = _builtin_families()
 
 def family(spec: Union[Family, type, str]) -> Family:
     """The [`Family`][distkl.symbolic.Family] for a Family, a built-in class or its name
-(case-insensitive)."""
+    (case-insensitive)."""
     if isinstance(spec, Family):
         return spec
     if isinstance(spec, type):
