@@ -358,15 +358,15 @@ def derive(
     r"""Derive `KL(p || q)` in nats for two families (a [`Family`][distkl.symbolic.Family], a class
     or its name).
 
-        Built-in pairs come from `cache.json` when its entry was derived from the same log-densities
-        (`cache=False` derives again). When the support of `p` is not inside that of `q` the
-        result is `+inf`.
+    Built-in pairs come from `cache.json` when its entry was derived from the same log-densities
+    (`cache=False` derives again). When the support of `p` is not inside that of `q` the
+    result is `+inf`.
 
-        Raises:
-            NotImplementedError: for a name or class without a built-in
-                [`Family`][distkl.symbolic.Family].
-            DerivationTimeout: when sympy takes longer than `timeout` seconds.
-            DerivationError: when sympy cannot do the integral.
+    Raises:
+        NotImplementedError: for a name or class without a built-in
+            [`Family`][distkl.symbolic.Family].
+        DerivationTimeout: when sympy takes longer than `timeout` seconds.
+        DerivationError: when sympy cannot do the integral.
     """
     fp, fq = family(p), family(q)
     request, args = _request(fp, fq)
