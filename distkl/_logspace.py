@@ -53,6 +53,7 @@ def binary_entropy(alpha: float) -> float:
 
 
 @functools.lru_cache(maxsize=256)
+@torch.compiler.assume_constant_result  # compiled: a constant of the graph, not traced
 def _largest_at_most(value: float, dtype: torch.dtype) -> float:
     """The largest number representable in `dtype` that is `<= value` (cached: no tensor work
     per call)."""

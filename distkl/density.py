@@ -233,6 +233,10 @@ class DiagonalScorer(GaussianScorer):
         value = out.detach().gather(-1, best).squeeze(-1).abs().clamp_min(1.0)
         # Rounding error of the expanded form is about eps * size (measured: at most 1.3x that).
         flag = torch.finfo(self.dtype).eps * size > _REFINE_TOL * value
+        if torch.compiler.is_compiling():
+            # A graph has no data-dependent row count: score every row in float64, keep the
+            # flagged ones (the same values as the sparse recomputation below).
+            return torch.where(flag.unsqueeze(-1), self._exact(y, bt).to(out.dtype), out)
         if not bool(flag.any()):
             return out
         gi, ci = flag.nonzero(as_tuple=True)
@@ -248,6 +252,16 @@ class DiagonalScorer(GaussianScorer):
             feats_hi = torch.cat([y_hi.square(), y_hi], -1).unsqueeze(-2)  # (r, 1, 2D)
             exact = (feats_hi @ mat).squeeze(-2) + const
         return out.index_put((gi, ci), exact.to(out.dtype))
+
+    def _exact(self, y: Tensor, bt: Optional[torch.Size]) -> Tensor:
+        """Every row of `y` (G, c, D) scored in float64 -> (G, c, K)."""
+        k, d = self.num_components, self.dim
+        mat = _groups(self.weight_hi, bt, (2 * d, k))
+        const = _groups(self.const_hi, bt, (k,))
+        shift = _groups(self.center.to(torch.float64) - self.center_hi, bt, (d,))
+        y_hi = y.to(torch.float64) + shift.unsqueeze(-2)
+        feats_hi = torch.cat([y_hi.square(), y_hi], -1)
+        return torch.baddbmm(const.unsqueeze(-2), feats_hi, mat)
 
 
 class WhitenedScorer(GaussianScorer):

@@ -148,9 +148,10 @@ class _Stream:
         z = _columns(f, draw, extra, bp, out_shape, self.dtype)
         lead = (c,) + (1,) * (len(out_shape) - len(bp))
         s = strata.reshape(*lead, *bp).expand(c, *out_shape).reshape(c, g)
-        # +inf integrands (q = 0 where p > 0): the expectation is +inf.
+        # +inf integrands (q = 0 where p > 0): the expectation is +inf. Eager runs skip the
+        # masking when no row is +inf; a compiled graph cannot branch on it and always masks.
         pos_inf = z[..., 0] == math.inf
-        if bool(pos_inf.any()):
+        if torch.compiler.is_compiling() or bool(pos_inf.any()):
             hit = pos_inf.any(0)
             self.inf_mask = hit if self.inf_mask is None else self.inf_mask | hit
             z = torch.where(pos_inf.unsqueeze(-1), torch.zeros_like(z), z)
