@@ -46,10 +46,11 @@ class GaussianScorer:
     """Precomputed log-densities of a `GaussianMixture`'s components and of the mixture.
 
     Build once with `gaussian_scorer`, call many times (the Monte Carlo engine scores every
-    chunk with one scorer). The subclasses are the three strategies: `ScalarScorer`
-    (1-D events, elementwise), `DiagonalScorer` (one GEMM of `[y^2, y]`, float32 rows
-    refined in float64) and `WhitenedScorer` (full covariances, stacked inverse Cholesky
-    factors). This base class holds what they share: the shapes, the centre and the chunked loop.
+    chunk with one scorer). The subclasses are the four strategies: `ScalarScorer`
+    (1-D events, elementwise), `SingleDiagonalScorer` (one diagonal Gaussian, elementwise),
+    `DiagonalScorer` (one GEMM of `[y^2, y]`, float32 rows refined in float64) and
+    `WhitenedScorer` (full covariances, stacked inverse Cholesky factors). This base class
+    holds what they share: the shapes, the centre and the chunked loop.
 
     With `precise=False` (what [`mixture_log_prob`][distkl.mixture_log_prob] uses) values come back
     in the input dtype. With `precise=True` (the Monte Carlo engine) diagonal components are
@@ -71,7 +72,7 @@ class GaussianScorer:
         self.out_dtype = torch.float64 if precise and self.can64 else self.dtype
         self.log_weights = gm.log_weights
         self.work_dtype = self.dtype
-        self.center = _center(gm)
+        self.center = _center(gm) if gm.num_components > 1 else gm.loc.detach()[..., 0, :]
 
     # ----------------------------------------------------------------------------------
     def component_log_prob(self, x: Tensor) -> Tensor:
@@ -264,6 +265,31 @@ class DiagonalScorer(GaussianScorer):
         return torch.baddbmm(const.unsqueeze(-2), feats_hi, mat)
 
 
+class SingleDiagonalScorer(GaussianScorer):
+    r"""One diagonal component (`K = 1`, `D > 1`): the quadratic form elementwise,
+    $\sum_d ((x_d - \mu_d) / s_d)^2$, which is exact where the expanded GEMM form of
+    `DiagonalScorer` needs a centre and a refinement, and takes fewer operations."""
+
+    def __init__(self, gm: GaussianMixture, *, precise: bool = False) -> None:
+        super().__init__(gm, precise=precise)
+        self.work_dtype = self.out_dtype
+        assert gm.scale_diag is not None
+        s = gm.scale_diag[..., 0, :].to(self.work_dtype)
+        self.loc = gm.loc[..., 0, :].to(self.work_dtype)  # (*b, D)
+        self.inv_scale = s.reciprocal()
+        self.log_norm = -s.log().sum(-1) - 0.5 * self.dim * _LOG_2PI  # (*b,)
+        self.row_width = self.dim
+
+    def component_log_prob(self, x: Tensor) -> Tensor:
+        if x.shape[-1:] != (self.dim,):
+            raise ValueError(
+                f"x must end with the event shape {tuple(self.gm.event_shape)}, got shape "
+                f"{tuple(x.shape)}."
+            )
+        z = (x.to(self.work_dtype) - self.loc) * self.inv_scale
+        return (self.log_norm - 0.5 * z.square().sum(-1)).unsqueeze(-1)
+
+
 class WhitenedScorer(GaussianScorer):
     r"""Full covariances: $\|L_k^{-1}(y - m_k)\|^2$ by one GEMM against the stacked
     inverse Cholesky factors, a `(D, K D)` matrix."""
@@ -302,6 +328,8 @@ def gaussian_scorer(gm: GaussianMixture, *, precise: bool = False) -> GaussianSc
         return WhitenedScorer(gm, precise=precise)
     if gm.dim == 1:
         return ScalarScorer(gm, precise=precise)
+    if gm.num_components == 1:
+        return SingleDiagonalScorer(gm, precise=precise)
     return DiagonalScorer(gm, precise=precise)
 
 

@@ -141,6 +141,19 @@ def test_gradcheck(kind):
         assert torch.autograd.gradcheck(fn, (x, loc, logits, tril))
 
 
+def test_gradcheck_single_diagonal():
+    """One diagonal Gaussian is scored elementwise (``SingleDiagonalScorer``), batch broadcast."""
+    g = torch.Generator().manual_seed(5)
+    loc = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = (0.5 + torch.rand(3, 2, generator=g, dtype=torch.float64)).requires_grad_(True)
+    x = torch.randn(4, 1, 2, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, loc, scale):
+        return mixture_log_prob(Independent(Normal(loc, scale), 1), x)
+
+    assert torch.autograd.gradcheck(fn, (x, loc, scale))
+
+
 def test_other_families_fall_back_to_log_prob():
     mix = MixtureSameFamily(
         Categorical(logits=torch.zeros(2)),

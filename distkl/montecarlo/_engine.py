@@ -22,7 +22,14 @@ from distkl.montecarlo._moments import StratumMoments
 from distkl.montecarlo._samplers import Draw, Sampler
 from distkl.montecarlo._strata import IntervalStrata, allocate
 
-__all__ = ["Integrand", "MEMORY_BUDGET", "check_generator", "plan_chunks", "run"]
+__all__ = [
+    "Integrand",
+    "MEMORY_BUDGET",
+    "check_generator",
+    "collapsed_pair_variance",
+    "plan_chunks",
+    "run",
+]
 
 #: Bytes the working set of one chunk may take when `chunk_size` is not given.
 MEMORY_BUDGET = 192 * 2**20
@@ -217,30 +224,36 @@ class _RowStream:
         self, use_controls: bool, num_samples: int, value_range: Optional[tuple[float, float]]
     ) -> Estimate:
         assert self.out_shape is not None
-        y = torch.cat(self.rows)  # (N, G), rows in the order of their intervals
-        n = y.shape[0]
-        pos_inf = (y == math.inf).any(0)
-        y = torch.where(y == math.inf, torch.zeros_like(y), y)
+        y = self.rows[0] if len(self.rows) == 1 else torch.cat(self.rows)  # (N, G), in order
+        inf = y == math.inf
+        pos_inf = inf.any(0)
+        y = torch.where(inf, torch.zeros_like(y), y)
         value = y.mean(0)
-        yd = y.detach()
-        groups = torch.minimum(
-            torch.arange(n, device=y.device) // 2, torch.tensor(max(n // 2 - 1, 0))
-        )
-        size = torch.zeros(max(n // 2, 1), dtype=yd.dtype, device=y.device).index_add_(
-            0, groups, torch.ones(n, dtype=yd.dtype, device=y.device)
-        )
-        mean = torch.zeros(size.shape[0], yd.shape[1], dtype=yd.dtype, device=y.device).index_add_(
-            0, groups, yd
-        ) / size.unsqueeze(-1)
-        ss = (yd - mean[groups]).square()
-        factor = (
-            (size / (size - 1)).reshape(-1, 1)[groups] if n > 1 else torch.full_like(ss, math.nan)
-        )
-        var = (factor * ss).sum(0) / n**2
+        var = collapsed_pair_variance(y.detach())
         out, dt = self.out_shape, self.sampler.dtype
         value = torch.where(pos_inf, math.inf, value).reshape(out).to(dt)
         stderr = torch.where(pos_inf, 0.0, var.sqrt()).reshape(out).to(dt)
         return Estimate(value, stderr.detach(), num_samples)
+
+
+def collapsed_pair_variance(y: Tensor) -> Tensor:
+    r"""Variance of the mean of the rows `y` (N, G), one row per interval stratum, in order.
+
+    The strata are collapsed in adjacent pairs (a triple at the end when `N` is odd):
+    $\hat V = \frac{1}{N^2} \sum_g \frac{m_g}{m_g - 1} \sum_{i \in g} (y_i - \bar y_g)^2$,
+    which is $(y_a - y_b)^2$ for a pair. NaN for `N = 1`.
+
+    Source: Cochran (1977), "Sampling Techniques", 3rd ed., sec. 5A.12.
+    """
+    n = y.shape[0]
+    if n == 1:
+        return torch.full_like(y[0], math.nan)
+    paired = n - 3 if n % 2 else n  # rows in pairs
+    ss = (y[0:paired:2] - y[1:paired:2]).square().sum(0)
+    if n % 2:
+        last = y[paired:]
+        ss = ss + 1.5 * (last - last.mean(0)).square().sum(0)
+    return ss / n**2
 
 
 def _shape_only(

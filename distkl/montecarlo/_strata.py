@@ -153,11 +153,15 @@ class IntervalStrata:
         cum = w.cumsum(-1)
         cum = cum / cum[:, -1:]
         u = torch.rand((bf, num_samples), generator=generator, dtype=hi, device=device)
-        u = (torch.arange(num_samples, dtype=hi, device=device) + u) / num_samples
-        idx = torch.searchsorted(cum.contiguous(), u, right=True)
-        # Rounding of the last cumulative weight must never pick a zero-weight tail component.
-        last = torch.where(w > 0, torch.arange(k, device=device), 0).amax(-1, keepdim=True)
-        self.idx = torch.minimum(idx, last).T.contiguous()  # (N, bf)
+        # u < 1 even after rounding: the normalised CDF reaches exactly 1 at the last positive
+        # weight, so a zero-weight tail component is never picked.
+        below_one = 1.0 - torch.finfo(hi).eps / 2
+        u = ((torch.arange(num_samples, dtype=hi, device=device) + u) / num_samples).clamp_max(
+            below_one
+        )
+        idx = torch.searchsorted(cum, u, right=True)
+        # A NaN weight (NaN CDF) may give any index: keep it in range (the estimate is NaN).
+        self.idx = idx.clamp_max(k - 1).T  # (N, bf)
 
     def assign(self, first: int, last: int) -> tuple[Tensor, Tensor]:
         """Component `(c, bf)` of rows `first..last-1` (and fold 0: rows are not folded)."""
