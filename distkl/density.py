@@ -338,7 +338,7 @@ def logsumexp_last(x: Tensor) -> Tensor:
     if x.shape[-1] == 1:
         return x.squeeze(-1)
     m = x.detach().amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = m.nan_to_num(0.0, 0.0, 0.0)  # a non-finite maximum shifts by 0
     # Terms below exp(-80) (float32) / exp(-700) (float64) change nothing; clamping them keeps
     # exp out of the subnormal range, which is ten times slower on CPUs.
     floor = -80.0 if x.dtype.itemsize < 8 else -700.0
