@@ -137,9 +137,12 @@ def add_score_term(z: Tensor, lp: Tensor, s: Tensor, ns: int) -> Tensor:
 class _Stream:
     """The running state of one estimate: moments, output shape, +inf elements."""
 
-    def __init__(self, sampler: Sampler, out_batch: Optional[torch.Size]) -> None:
+    def __init__(self, sampler: Sampler, out_batch: Optional[torch.Size], folded: bool) -> None:
         self.sampler = sampler
         self.out_shape = out_batch
+        #: Two folds per component (strata `2k`, `2k+1`) when the controls are fitted,
+        #: else one stratum per component.
+        self.num_strata = (2 if folded else 1) * sampler.num_components
         self.mom: Optional[StratumMoments] = None
         self.inf_mask: Optional[Tensor] = None
         self.dtype = _stats_dtype(sampler.dtype, sampler.device)
@@ -162,7 +165,7 @@ class _Stream:
             hit = pos_inf.any(0)
             self.inf_mask = hit if self.inf_mask is None else self.inf_mask | hit
             z = torch.where(pos_inf.unsqueeze(-1), torch.zeros_like(z), z)
-        ns = 2 * self.sampler.num_components
+        ns = self.num_strata
         if draw.score_log_prob is not None:
             lp = draw.score_log_prob.reshape(*lead, *bp).expand(c, *out_shape).reshape(c, g)
             z = add_score_term(z, lp, s, ns)
@@ -309,14 +312,16 @@ def run(
     stream: _Stream | _RowStream = (
         _RowStream(sampler, out_batch)
         if isinstance(strata, IntervalStrata)
-        else _Stream(sampler, out_batch)
+        else _Stream(sampler, out_batch, folded=use_controls)
     )
     for first, last in plan_chunks(num_samples, chunk_size, row_elements, sampler.dtype):
-        idx, fold = strata.assign(first, last)  # (c, bf)
+        idx, fold = strata.assign(first, last, folds=use_controls)  # (c, bf)
         draw = sampler.draw(idx, strata.row_span(first, last), generator, use_controls)
         f, extra = integrand(draw, idx, use_controls)
         if isinstance(stream, _RowStream):
             stream.add(draw, f, None, idx)
+        elif fold is None:
+            stream.add(draw, f, None, idx)
         else:
-            stream.add(draw, f, extra if use_controls else None, 2 * idx + fold)
+            stream.add(draw, f, extra, 2 * idx + fold)
     return stream.result(use_controls, num_samples, value_range)

@@ -76,14 +76,20 @@ class Strata:
         self.end = self.counts.cumsum(-1)
         self.start = self.end - self.counts
 
-    def assign(self, first: int, last: int) -> tuple[Tensor, Tensor]:
-        """Component `(c, bf)` and fold `(c, bf)` of rows `first..last-1`."""
+    def assign(self, first: int, last: int, folds: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        """Component `(c, bf)` and fold `(c, bf)` (None unless `folds`) of rows
+        `first..last-1`."""
         bf = self.end.shape[0]
-        rows = torch.arange(first, last, device=self.end.device)
+        device = self.end.device
+        if self.single and not folds:
+            return torch.zeros((last - first, bf), dtype=torch.long, device=device), None
+        rows = torch.arange(first, last, device=device)
         if self.single:  # component 0 from row 0: the fold is the row's parity
             fold = (rows % 2).unsqueeze(-1).expand(last - first, bf).contiguous()
             return torch.zeros_like(fold), fold
         idx = torch.searchsorted(self.end, rows.expand(bf, -1).contiguous(), right=True).T
+        if not folds:
+            return idx.contiguous(), None
         fold = (rows.unsqueeze(-1) - self.start.T.gather(0, idx)) % 2  # (c, bf)
         return idx.contiguous(), fold
 
@@ -163,10 +169,11 @@ class IntervalStrata:
         # A NaN weight (NaN CDF) may give any index: keep it in range (the estimate is NaN).
         self.idx = idx.clamp_max(k - 1).T  # (N, bf)
 
-    def assign(self, first: int, last: int) -> tuple[Tensor, Tensor]:
-        """Component `(c, bf)` of rows `first..last-1` (and fold 0: rows are not folded)."""
+    def assign(self, first: int, last: int, folds: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        """Component `(c, bf)` of rows `first..last-1` (and fold 0 if `folds`: rows are not
+        folded)."""
         idx = self.idx[first:last]
-        return idx, torch.zeros_like(idx)
+        return idx, torch.zeros_like(idx) if folds else None
 
     def can_fit_controls(self) -> bool:
         return False
