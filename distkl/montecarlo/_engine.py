@@ -318,9 +318,7 @@ def run(
         idx, fold = strata.assign(first, last, folds=use_controls)  # (c, bf)
         draw = sampler.draw(idx, strata.row_span(first, last), generator, use_controls)
         f, extra = integrand(draw, idx, use_controls)
-        if isinstance(stream, _RowStream):
-            stream.add(draw, f, None, idx)
-        elif fold is None:
+        if isinstance(stream, _RowStream) or fold is None:  # one stratum per component
             stream.add(draw, f, None, idx)
         else:
             stream.add(draw, f, extra, 2 * idx + fold)
