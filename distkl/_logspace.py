@@ -16,7 +16,6 @@ The user surface on raw logits/probabilities is `distkl.functional`; the categor
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -52,14 +51,22 @@ def binary_entropy(alpha: float) -> float:
     return -(alpha * math.log(alpha) + (1.0 - alpha) * math.log1p(-alpha))
 
 
-@functools.lru_cache(maxsize=256)
 def _largest_at_most(value: float, dtype: torch.dtype) -> float:
-    """The largest number representable in `dtype` that is `<= value` (cached: no tensor work
-    per call)."""
-    t = torch.tensor(value, dtype=dtype)
-    if t.item() > value:
-        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
-    return float(t.item())
+    """The largest number representable in `dtype` that is `<= value` (`value >= 0`).
+
+    Pure Python on `torch.finfo` (no tensor, no `.item()`): `value` rounded down to the
+    dtype's significand, or to a multiple of its smallest subnormal below the normal range.
+    `torch.compile` folds it into a constant.
+    """
+    info = torch.finfo(dtype)
+    if value >= info.max:
+        return info.max
+    if value < info.tiny:  # subnormal range: multiples of the smallest subnormal
+        step = info.tiny * info.eps
+        return math.floor(value / step) * step
+    mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, 0.5 <= mantissa < 1
+    digits = 2.0 / info.eps  # 2**(significand bits)
+    return math.ldexp(math.floor(mantissa * digits), exponent) / digits
 
 
 def clamp_to_js_range(js: Tensor, alpha: float) -> Tensor:

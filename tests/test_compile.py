@@ -7,8 +7,9 @@ outside the compiled function: Dynamo cannot trace a ``with`` block over a Conte
 the options (``distkl._options.get_options`` returns a guarded mirror under compilation) and
 recompiles when they change. Calls with an explicit ``torch.Generator`` cannot be traced under
 ``fullgraph=True`` in torch 2.13 (``torch.randn(..., generator=g)``): they run with a graph break.
-Pairs that still break compilation are strict xfails naming the file and the cause, so they
-turn into failures the day they compile. Inductor is timed in ``benchmarks/``, not here.
+No registered pair breaks compilation otherwise; a pair that does goes into a strict-xfail table
+naming the file and the cause (as the mixture-p Monte Carlo rule did until its allocation stopped
+reading the weights back). Inductor is timed in ``benchmarks/``, not here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from torch.distributions import (
 )
 
 import distkl
+from distkl import density
+from distkl._gaussian import as_gaussian_mixture
+from distkl.density import gaussian_scorer
 
 # Dynamo traces through the lru_cache of the JSD dispatcher (ignoring the cache) and says so.
 # After a graph break Dynamo probes ``.grad`` of non-leaf tensors, which warns (an error here).
@@ -77,12 +81,29 @@ def _pair(name: str, t: dict[str, torch.Tensor]):
 
 
 def _loss(name: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    p, q = _pair(name, t)
+    p, q = _pair(name.split(",")[0], t)
     return kl_divergence(p, q).sum()
 
 
-def _js_loss(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    return distkl.js_divergence(Categorical(logits=t["cat"]), Categorical(logits=t["cat2"])).sum()
+def _js_pair(name: str, t: dict[str, torch.Tensor]):
+    if name == "Categorical-Categorical":
+        return Categorical(logits=t["cat"]), Categorical(logits=t["cat2"])
+    if name == "Normal-mixture 1-D (quadrature)":
+        return _pair("1-D default (quadrature)", t)
+    post = Independent(Normal(t["loc"], t["log_scale"].exp()), 1)
+    if name == "Independent(Normal)-Independent(Normal) (mc)":
+        return post, Independent(Normal(0.5 * t["loc"].flip(0), torch.ones(B, D)), 1)
+    prior = _pair("posterior||mixture (mc)", t)[1]
+    if name == "Independent(Normal)-mixture (mc)":
+        return post, prior
+    if name == "mixture-mixture (mc)":
+        comp = Independent(Normal(0.5 * t["prior_loc"].flip(0), torch.full((K, D), 2.0)), 1)
+        return prior, MixtureSameFamily(Categorical(logits=t["logits"].flip(0)), comp)
+    raise AssertionError(name)
+
+
+def _js_loss(name: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    return distkl.js_divergence(*_js_pair(name, t)).sum()
 
 
 COMPILES = [
@@ -90,12 +111,28 @@ COMPILES = [
     "MultivariateNormal-LowRankMultivariateNormal",
     "Categorical-OneHotCategorical",
     "posterior||mixture (mc)",
+    "mixture||posterior (mc)",
+    # Fewer than 2 samples per component of p: one draw per interval of the weights' CDF.
+    "mixture||posterior (mc), n=3 < 2K",
+    # N >= 2 * MIN_FOLD_FOR_CONTROLS: the compiled graph builds the control columns (it cannot
+    # read the allocation back to skip them); no stratum is large enough to fit them, so the
+    # value is the plain stratified mean, as in the eager run that skipped them.
+    "mixture||posterior (mc), n=300",
     "1-D default (quadrature)",
 ]
-BREAKS = {
-    "mixture||posterior (mc)": "distkl/montecarlo/_strata.py: the stratified engine sizes its "
-    "strata from data (data-dependent shapes)",
-}
+JS_COMPILES = [
+    "Categorical-Categorical",
+    "Independent(Normal)-Independent(Normal) (mc)",
+    "Independent(Normal)-mixture (mc)",
+    "mixture-mixture (mc)",
+    "Normal-mixture 1-D (quadrature)",
+]
+
+
+def _num_samples(name: str) -> int:
+    """The name's `n=...` sample count, else the fixture's 10 (2 per component of the mixture)."""
+    tail = name.split("n=")[-1] if "n=" in name else "10"
+    return int(tail.split()[0])
 
 
 def _step(loss_fn, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -114,11 +151,9 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", COMPILES)
-def test_training_step_compiles_fullgraph(name, backend):
+def _assert_same_step(fn, backend: str) -> None:
+    """Eager and compiled (fullgraph) steps give the same loss and gradients."""
     t = _leaves()
-    fn = lambda t: _loss(name, t)  # noqa: E731
     want, want_grads = _step(fn, t)
     got, got_grads = _step(torch.compile(fn, backend=backend, fullgraph=True), t)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -128,26 +163,16 @@ def test_training_step_compiles_fullgraph(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_js_divergence_compiles_fullgraph(backend):
-    t = _leaves()
-    want, _ = _step(_js_loss, t)
-    got, _ = _step(torch.compile(_js_loss, backend=backend, fullgraph=True), t)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("name", COMPILES)
+def test_training_step_compiles_fullgraph(name, backend):
+    with distkl.options(num_samples=_num_samples(name)):
+        _assert_same_step(lambda t: _loss(name, t), backend)
 
 
-@pytest.mark.parametrize("name", sorted(BREAKS))
-def test_known_breaks_still_break(name):
-    """Strict xfail: what does not compile yet, and where (see BREAKS)."""
-    t = _leaves()
-    compiled = torch.compile(lambda t: _loss(name, t), backend="eager", fullgraph=True)
-    with pytest.raises(Exception):  # noqa: B017 (Dynamo's Unsupported / UserError)
-        compiled(t)
-    # Without fullgraph the same step runs (graph breaks) and matches eager.
-    t2 = _leaves()
-    want, _ = _step(lambda t: _loss(name, t), t2)
-    torch._dynamo.reset()
-    got, _ = _step(torch.compile(lambda t: _loss(name, t), backend="eager"), t2)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", JS_COMPILES)
+def test_js_divergence_compiles_fullgraph(name, backend):
+    _assert_same_step(lambda t: _js_loss(name, t), backend)
 
 
 def test_options_changes_recompile():
@@ -161,11 +186,12 @@ def test_options_changes_recompile():
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_explicit_generator_runs_with_a_graph_break():
+@pytest.mark.parametrize("name", ["posterior||mixture (mc)", "mixture||posterior (mc)"])
+def test_explicit_generator_runs_with_a_graph_break(name):
     """``torch.randn(generator=g)`` cannot be traced in fullgraph mode; without it it runs and
     the same generator seed gives the eager value."""
     t = _leaves()
-    fn = lambda t: _loss("posterior||mixture (mc)", t)  # noqa: E731
+    fn = lambda t: _loss(name, t)  # noqa: E731
     with distkl.options(generator=torch.Generator().manual_seed(5)):
         want = fn(t).detach()
     compiled = torch.compile(fn, backend="eager")
@@ -177,3 +203,26 @@ def test_explicit_generator_runs_with_a_graph_break():
     with distkl.options(generator=torch.Generator().manual_seed(5)):
         with pytest.raises(Exception):  # noqa: B017 (Dynamo's Unsupported)
             strict(t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [(), (B,)])
+def test_mixture_log_prob_refinement_compiles(batch, backend, monkeypatch):
+    """Float32 rows whose expanded quadratic form cancels are re-scored in float64
+    (``DiagonalScorer._refine``: a data-dependent subset eagerly); compiled, every row is scored
+    in float64 and the flagged ones are kept, which gives the eager values. (The GEMM form is
+    forced: inputs this small are scored elementwise.)"""
+    monkeypatch.setattr(density, "ELEMENTWISE_LIMIT", 0)
+    g = torch.Generator().manual_seed(1)
+    loc = 30.0 * torch.randn(*batch, K, D, generator=g)  # far from the mixture mean
+    comp = Independent(Normal(loc, 0.1), 1)
+    mix = MixtureSameFamily(Categorical(logits=torch.randn(*batch, K, generator=g)), comp)
+    x = loc[..., 0, :] + 0.1 * torch.randn(64, *batch, D, generator=g)  # near component 0
+    want = distkl.mixture_log_prob(mix, x)
+    scorer = gaussian_scorer(as_gaussian_mixture(mix))
+    scorer.refine = False
+    assert not torch.equal(scorer.log_prob(x), want)  # the refinement changes some rows
+    got = torch.compile(lambda x: distkl.mixture_log_prob(mix, x), backend=backend, fullgraph=True)(
+        x
+    )
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)

@@ -14,7 +14,9 @@ from torch.distributions import (
     Normal,
 )
 
-from distkl.density import mixture_log_prob
+from distkl import density
+from distkl._gaussian import as_gaussian_mixture
+from distkl.density import gaussian_scorer, mixture_log_prob
 from distkl.examples import random_spd
 
 
@@ -139,6 +141,43 @@ def test_gradcheck(kind):
             return mixture_log_prob(MixtureSameFamily(Categorical(logits=logits), comp), x)
 
         assert torch.autograd.gradcheck(fn, (x, loc, logits, tril))
+
+
+def test_gradcheck_single_diagonal():
+    """One diagonal Gaussian is scored elementwise (``DiagonalScorer``), batch broadcast."""
+    g = torch.Generator().manual_seed(5)
+    loc = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = (0.5 + torch.rand(3, 2, generator=g, dtype=torch.float64)).requires_grad_(True)
+    x = torch.randn(4, 1, 2, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, loc, scale):
+        return mixture_log_prob(Independent(Normal(loc, scale), 1), x)
+
+    assert torch.autograd.gradcheck(fn, (x, loc, scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("precise", [False, True])
+def test_elementwise_and_gemm_diagonal_scoring_agree(dtype, precise, monkeypatch):
+    """Small inputs are scored elementwise, large ones by the GEMM form: same values and
+    gradients to rounding (the GEMM form forced with ``ELEMENTWISE_LIMIT = 0``)."""
+    g = torch.Generator().manual_seed(6)
+    loc = (3.0 * torch.randn(2, 4, 3, generator=g, dtype=dtype)).requires_grad_()
+    scale = (0.5 + torch.rand(2, 4, 3, generator=g, dtype=dtype)).requires_grad_()
+    logits = torch.randn(2, 4, generator=g, dtype=dtype).requires_grad_()
+    x = 3.0 * torch.randn(5, 1, 3, generator=g, dtype=dtype)
+
+    def score() -> tuple[torch.Tensor, ...]:
+        mix = MixtureSameFamily(Categorical(logits=logits), Independent(Normal(loc, scale), 1))
+        value = gaussian_scorer(as_gaussian_mixture(mix), precise=precise).log_prob(x)
+        return (value, *torch.autograd.grad(value.sum(), (loc, scale, logits)))
+
+    elementwise = score()
+    monkeypatch.setattr(density, "ELEMENTWISE_LIMIT", 0)
+    gemm = score()
+    tol = 1e-10 if dtype == torch.float64 or precise else 2e-5
+    for a, b in zip(elementwise, gemm):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_other_families_fall_back_to_log_prob():

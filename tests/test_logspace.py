@@ -98,3 +98,18 @@ def test_dim_out_of_range_is_index_error_naming_dim():
             fn(x, x, dim=2)
         with pytest.raises(IndexError, match="dim=-3 is out of range"):
             fn(x, x, dim=-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "alpha", [0.5, 0.1, 1e-3, 1e-8, 1e-17, 1.0 - 1e-9], ids=lambda a: f"alpha={a:g}"
+)
+def test_clamp_to_js_range_upper_end_is_the_largest_value_at_most_h(alpha, dtype):
+    """The upper end of the JS clamp is representable, <= H(alpha), and the next number up in
+    the dtype is > H(alpha) (computed without tensors, so `torch.compile` folds it)."""
+    h = binary_entropy(alpha)
+    top = clamp_to_js_range(torch.tensor(math.inf, dtype=dtype), alpha)
+    assert top.dtype == dtype
+    assert float(top) <= h
+    up = torch.nextafter(top, torch.tensor(math.inf, dtype=dtype))
+    assert float(up) > h

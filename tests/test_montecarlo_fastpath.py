@@ -1,10 +1,11 @@
-"""The small-sample fast path of the Monte Carlo engine changes no result.
+"""The small-sample fast path of the Monte Carlo engine changes no result beyond rounding.
 
 Below ``2 * MIN_FOLD_FOR_CONTROLS`` rows in every stratum no control variate can switch on, so
-the engine skips building, streaming and fitting them; for a non-mixture ``p`` it also skips the
-allocation arithmetic and the component gather. The general path is forced here by patching
-those two decisions back, and both must give bit-identical values and standard errors for the
-same generator seed.
+the engine skips building, streaming and fitting them, and pools each component's rows as one
+stratum instead of two folds; for a non-mixture ``p`` it also skips the allocation arithmetic
+and the component gather. The general path is forced here by patching those two decisions back,
+and both must give the same values and standard errors for the same generator seed, to rounding
+(the folds are pooled in a different order: a few ulps).
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ def _gen(device: torch.device) -> torch.Generator:
 
 
 def _assert_identical(fast: montecarlo.Estimate, slow: montecarlo.Estimate, what: str) -> None:
-    assert torch.equal(fast.value, slow.value), (
-        f"{what}: value fast={fast.value} general={slow.value}"
-    )
-    assert torch.equal(fast.stderr, slow.stderr), (
-        f"{what}: stderr fast={fast.stderr} general={slow.stderr}"
-    )
+    """Equal to rounding: a few ulps of the statistics' float64, then the result's dtype."""
+    rtol = 1e-12 if fast.value.dtype == torch.float64 else 1e-6
+    for name in ("value", "stderr"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        torch.testing.assert_close(
+            a, b, rtol=rtol, atol=0.0, equal_nan=True, msg=f"{what}: {name} {a} vs {b}"
+        )
 
 
 CONFIGS = [(16, None), (40, 7), (2 * MIN_FOLD_FOR_CONTROLS - 1, None)]
@@ -61,7 +63,7 @@ CONFIGS = [(16, None), (40, 7), (2 * MIN_FOLD_FOR_CONTROLS - 1, None)]
 
 @pytest.mark.parametrize("ex", params(by_family("mixture")))
 @pytest.mark.parametrize("reverse", [False, True], ids=["pq", "qp"])
-def test_kl_mc_fast_path_bit_identical(ex, reverse, device, dtype, monkeypatch):
+def test_kl_mc_fast_path_same_values(ex, reverse, device, dtype, monkeypatch):
     # The stratified engine's paths (one Gaussian p would take distkl._pathwise otherwise).
     monkeypatch.setattr(montecarlo, "pathwise_applies", lambda p, q, n: False)
     p, q = ex.build(device, dtype)
@@ -138,7 +140,7 @@ GENERIC = [
 
 @pytest.mark.parametrize("name,make", GENERIC, ids=[g[0] for g in GENERIC])
 @pytest.mark.parametrize("batch_shape", [None, (3,)], ids=["own-batch", "expanded"])
-def test_expectation_generic_fast_path_bit_identical(
+def test_expectation_generic_fast_path_same_values(
     name, make, batch_shape, device, dtype, monkeypatch
 ):
     p = make(device, dtype)

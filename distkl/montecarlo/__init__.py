@@ -230,7 +230,10 @@ def kl_mc(
         out_batch=batch,
         row_elements=integrand.row_elements(),
     )
-    equal = same_distribution(p, q, batch, est.value.device)
+    mixtures = (
+        None if integrand.gp is None or integrand.gq is None else (integrand.gp, integrand.gq)
+    )
+    equal = same_distribution(p, q, batch, est.value.device, mixtures)
     if equal is not None:
         zero = torch.zeros_like(est.value)
         est = Estimate(torch.where(equal, zero, est.value), torch.where(equal, zero, est.stderr), n)

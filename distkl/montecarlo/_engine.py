@@ -22,7 +22,14 @@ from distkl.montecarlo._moments import StratumMoments
 from distkl.montecarlo._samplers import Draw, Sampler
 from distkl.montecarlo._strata import IntervalStrata, allocate
 
-__all__ = ["Integrand", "MEMORY_BUDGET", "check_generator", "plan_chunks", "run"]
+__all__ = [
+    "Integrand",
+    "MEMORY_BUDGET",
+    "check_generator",
+    "collapsed_pair_variance",
+    "plan_chunks",
+    "run",
+]
 
 #: Bytes the working set of one chunk may take when `chunk_size` is not given.
 MEMORY_BUDGET = 192 * 2**20
@@ -130,9 +137,12 @@ def add_score_term(z: Tensor, lp: Tensor, s: Tensor, ns: int) -> Tensor:
 class _Stream:
     """The running state of one estimate: moments, output shape, +inf elements."""
 
-    def __init__(self, sampler: Sampler, out_batch: Optional[torch.Size]) -> None:
+    def __init__(self, sampler: Sampler, out_batch: Optional[torch.Size], folded: bool) -> None:
         self.sampler = sampler
         self.out_shape = out_batch
+        #: Two folds per component (strata `2k`, `2k+1`) when the controls are fitted,
+        #: else one stratum per component.
+        self.num_strata = (2 if folded else 1) * sampler.num_components
         self.mom: Optional[StratumMoments] = None
         self.inf_mask: Optional[Tensor] = None
         self.dtype = _stats_dtype(sampler.dtype, sampler.device)
@@ -148,13 +158,14 @@ class _Stream:
         z = _columns(f, draw, extra, bp, out_shape, self.dtype)
         lead = (c,) + (1,) * (len(out_shape) - len(bp))
         s = strata.reshape(*lead, *bp).expand(c, *out_shape).reshape(c, g)
-        # +inf integrands (q = 0 where p > 0): the expectation is +inf.
+        # +inf integrands (q = 0 where p > 0): the expectation is +inf. Eager runs skip the
+        # masking when no row is +inf; a compiled graph cannot branch on it and always masks.
         pos_inf = z[..., 0] == math.inf
-        if bool(pos_inf.any()):
+        if torch.compiler.is_compiling() or bool(pos_inf.any()):
             hit = pos_inf.any(0)
             self.inf_mask = hit if self.inf_mask is None else self.inf_mask | hit
             z = torch.where(pos_inf.unsqueeze(-1), torch.zeros_like(z), z)
-        ns = 2 * self.sampler.num_components
+        ns = self.num_strata
         if draw.score_log_prob is not None:
             lp = draw.score_log_prob.reshape(*lead, *bp).expand(c, *out_shape).reshape(c, g)
             z = add_score_term(z, lp, s, ns)
@@ -216,30 +227,36 @@ class _RowStream:
         self, use_controls: bool, num_samples: int, value_range: Optional[tuple[float, float]]
     ) -> Estimate:
         assert self.out_shape is not None
-        y = torch.cat(self.rows)  # (N, G), rows in the order of their intervals
-        n = y.shape[0]
-        pos_inf = (y == math.inf).any(0)
-        y = torch.where(y == math.inf, torch.zeros_like(y), y)
+        y = self.rows[0] if len(self.rows) == 1 else torch.cat(self.rows)  # (N, G), in order
+        inf = y == math.inf
+        pos_inf = inf.any(0)
+        y = torch.where(inf, torch.zeros_like(y), y)
         value = y.mean(0)
-        yd = y.detach()
-        groups = torch.minimum(
-            torch.arange(n, device=y.device) // 2, torch.tensor(max(n // 2 - 1, 0))
-        )
-        size = torch.zeros(max(n // 2, 1), dtype=yd.dtype, device=y.device).index_add_(
-            0, groups, torch.ones(n, dtype=yd.dtype, device=y.device)
-        )
-        mean = torch.zeros(size.shape[0], yd.shape[1], dtype=yd.dtype, device=y.device).index_add_(
-            0, groups, yd
-        ) / size.unsqueeze(-1)
-        ss = (yd - mean[groups]).square()
-        factor = (
-            (size / (size - 1)).reshape(-1, 1)[groups] if n > 1 else torch.full_like(ss, math.nan)
-        )
-        var = (factor * ss).sum(0) / n**2
+        var = collapsed_pair_variance(y.detach())
         out, dt = self.out_shape, self.sampler.dtype
         value = torch.where(pos_inf, math.inf, value).reshape(out).to(dt)
         stderr = torch.where(pos_inf, 0.0, var.sqrt()).reshape(out).to(dt)
         return Estimate(value, stderr.detach(), num_samples)
+
+
+def collapsed_pair_variance(y: Tensor) -> Tensor:
+    r"""Variance of the mean of the rows `y` (N, G), one row per interval stratum, in order.
+
+    The strata are collapsed in adjacent pairs (a triple at the end when `N` is odd):
+    $\hat V = \frac{1}{N^2} \sum_g \frac{m_g}{m_g - 1} \sum_{i \in g} (y_i - \bar y_g)^2$,
+    which is $(y_a - y_b)^2$ for a pair. NaN for `N = 1`.
+
+    Source: Cochran (1977), "Sampling Techniques", 3rd ed., sec. 5A.12.
+    """
+    n = y.shape[0]
+    if n == 1:
+        return torch.full_like(y[0], math.nan)
+    paired = n - 3 if n % 2 else n  # rows in pairs
+    ss = (y[0:paired:2] - y[1:paired:2]).square().sum(0)
+    if n % 2:
+        last = y[paired:]
+        ss = ss + 1.5 * (last - last.mean(0)).square().sum(0)
+    return ss / n**2
 
 
 def _shape_only(
@@ -295,14 +312,14 @@ def run(
     stream: _Stream | _RowStream = (
         _RowStream(sampler, out_batch)
         if isinstance(strata, IntervalStrata)
-        else _Stream(sampler, out_batch)
+        else _Stream(sampler, out_batch, folded=use_controls)
     )
     for first, last in plan_chunks(num_samples, chunk_size, row_elements, sampler.dtype):
-        idx, fold = strata.assign(first, last)  # (c, bf)
+        idx, fold = strata.assign(first, last, folds=use_controls)  # (c, bf)
         draw = sampler.draw(idx, strata.row_span(first, last), generator, use_controls)
         f, extra = integrand(draw, idx, use_controls)
-        if isinstance(stream, _RowStream):
+        if isinstance(stream, _RowStream) or fold is None:  # one stratum per component
             stream.add(draw, f, None, idx)
         else:
-            stream.add(draw, f, extra if use_controls else None, 2 * idx + fold)
+            stream.add(draw, f, extra, 2 * idx + fold)
     return stream.result(use_controls, num_samples, value_range)

@@ -71,9 +71,14 @@ def _plain(folds: _Folds) -> tuple[Tensor, Tensor]:
     delta = mean_f[:, 1].detach() - mean_f[:, 0].detach()
     m2_f = folds.m2[:, 0, :, 0, 0] + folds.m2[:, 1, :, 0, 0] + delta.square() * n_a * n_b / n_k
     mean = (n_a * mean_f[:, 0] + n_b * mean_f[:, 1]) / n_k
-    var = m2_f / (n_k - 1).clamp_min(1) / n_k
-    # One sample says nothing about the spread: NaN, never a made-up 0.
-    return mean, torch.where(n_a + n_b == 1, torch.full_like(var, math.nan), var)
+    return mean, _variance_of_mean(m2_f, n_a + n_b)
+
+
+def _variance_of_mean(m2: Tensor, n: Tensor) -> Tensor:
+    """`m2 / (n - 1) / n`; NaN where `n = 1` (one sample says nothing about the spread: never a
+    made-up 0)."""
+    var = m2 / (n - 1).clamp_min(1) / n.clamp_min(1)
+    return torch.where(n == 1, torch.full_like(var, math.nan), var)
 
 
 def _coefficients(cov: Tensor, fold_n: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -131,21 +136,19 @@ def _cross_fitted(folds: _Folds) -> tuple[Tensor, Tensor, Tensor]:
     return mean, var, fold_n >= MIN_FOLD_FOR_CONTROLS
 
 
-def _unseen(folds: _Folds, value_range: tuple[float, float]) -> Tensor:
+def _unseen(n_k: Tensor, mean: Tensor, value_range: tuple[float, float]) -> Tensor:
     r"""Variance of a pseudo-sample at the far end of `f`'s range, per stratum mean.
 
     A bounded `f` can take a rare value the sample never saw (near-disjoint JSD: almost every
     point has $\pi \approx 1$). Adding `PSEUDO_WEIGHT` (1/2) pseudo-samples at the endpoint
-    farthest from the stratum mean, $\Delta = \max(\bar f - a, b - \bar f)$, adds
+    farthest from the stratum mean $\bar f$ (of `n_k` samples),
+    $\Delta = \max(\bar f - a, b - \bar f)$, adds
     $c \Delta^2 / (n_k (n_k - 1))$ to the variance of the stratum mean: negligible once the
     sample variance exceeds $\Delta^2 / n_k$, a floor of about $\Delta / n_k$ on the standard
     error when every point looks alike.
     """
     lo, hi = value_range
-    n_k = folds.n_a + folds.n_b
-    mean = (
-        (folds.n_a * folds.mean[:, 0, :, 0] + folds.n_b * folds.mean[:, 1, :, 0]) / n_k.clamp_min(1)
-    ).detach()
+    mean = mean.detach()
     dev = torch.maximum(mean - lo, hi - mean)
     return PSEUDO_WEIGHT * dev.square() / (n_k * (n_k - 1)).clamp_min(1)
 
@@ -159,7 +162,8 @@ def combine(
     r"""$\sum_k w_k \hat\mu_k$ and its variance $\sum_k w_k^2 \operatorname{Var}\hat\mu_k$.
 
     Args:
-        mom: moments of `2 K` strata (component `k`'s folds are strata `2k` and `2k+1`).
+        mom: moments of `2 K` strata when `use_controls` (component `k`'s folds are strata `2k`
+            and `2k+1`), of `K` strata (one per component, no folds) otherwise.
         log_weights: `(K, G)` log-weights of the components.
         use_controls: fit the control columns (where a stratum is large enough).
         value_range: bounds of `f` if known; adds the unseen-value floor (`_unseen`).
@@ -167,16 +171,24 @@ def combine(
     Returns:
         `(value, variance)` of shape `(G,)`.
     """
-    folds = _Folds.of(mom)
-    value_k, var_k = _plain(folds)
-    if use_controls and folds.mean.shape[-1] > 1:
-        cv_mean, cv_var, ok = _cross_fitted(folds)
-        value_k = torch.where(ok, cv_mean, value_k)
-        var_k = torch.where(ok, cv_var, var_k)
-    if value_range is not None:
-        var_k = var_k + _unseen(folds, value_range)
+    if use_controls:
+        folds = _Folds.of(mom)
+        pooled, var_k = _plain(folds)
+        n_k, value_k = folds.n_a + folds.n_b, pooled
+        if folds.mean.shape[-1] > 1:
+            cv_mean, cv_var, ok = _cross_fitted(folds)
+            value_k = torch.where(ok, cv_mean, value_k)
+            var_k = torch.where(ok, cv_var, var_k)
+        if value_range is not None:
+            var_k = var_k + _unseen(n_k, pooled, value_range)
+    else:
+        n_k = mom.n
+        value_k = mom.mean[..., 0]
+        var_k = _variance_of_mean(mom.m2[..., 0, 0], n_k)
+        if value_range is not None:
+            var_k = var_k + _unseen(n_k, value_k, value_range)
     w = log_weights.exp()  # (K, G)
-    present = (folds.n_a + folds.n_b) > 0
+    present = n_k > 0
     value = torch.where(present, w * value_k, torch.zeros_like(value_k)).sum(0)
     var = torch.where(present, w.detach().square() * var_k, torch.zeros_like(var_k)).sum(0)
     return value, var

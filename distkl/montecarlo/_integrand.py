@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, MixtureSameFamily
 
 from distkl._gaussian import (
     GaussianMixture,
@@ -100,18 +100,33 @@ def best_matches(
 
 
 def same_distribution(
-    p: Distribution, q: Distribution, batch: torch.Size, device: torch.device
+    p: Distribution,
+    q: Distribution,
+    batch: torch.Size,
+    device: torch.device,
+    mixtures: Optional[tuple[GaussianMixture, GaussianMixture]] = None,
 ) -> Optional[Tensor]:
-    """Boolean `batch` mask of elements where p and q are the same distribution, or None.
+    """Boolean `batch` mask of elements where p and q are the same distribution, or None
+    (no element can be: different families or numbers of components).
 
     The same object, or Gaussian families with equal parameters component by component.
+    `mixtures`: p's and q's `GaussianMixture` views when the caller has them already.
     """
     if p is q:
         return torch.ones(batch, dtype=torch.bool, device=device)
     if not (is_gaussian_family(p) and is_gaussian_family(q)):
         return None
-    gp, gq = as_gaussian_mixture(p, role="p"), as_gaussian_mixture(q, role="q")
-    return same_parameters(gp, gq).expand(batch)
+    if _num_components(p) != _num_components(q):
+        return None
+    if mixtures is None:
+        mixtures = as_gaussian_mixture(p, role="p"), as_gaussian_mixture(q, role="q")
+    return same_parameters(*mixtures).expand(batch)
+
+
+def _num_components(d: Distribution) -> int:
+    if isinstance(d, MixtureSameFamily):
+        return d.component_distribution.batch_shape[-1]
+    return 1
 
 
 # --------------------------------------------------------------------------------------------

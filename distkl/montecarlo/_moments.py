@@ -22,6 +22,8 @@ class StratumMoments:
         self, strata: int, groups: int, width: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         self.shape = (strata, groups)
+        #: Nothing merged yet: the first chunk's moments are taken as they are (`update`).
+        self.empty = True
         self.n = torch.zeros(strata, groups, dtype=dtype, device=device)
         self.mean = torch.zeros(strata, groups, width, dtype=dtype, device=device)
         self.m2 = torch.zeros(strata, groups, width, width, dtype=dtype, device=device)
@@ -38,6 +40,9 @@ class StratumMoments:
         m2 = torch.zeros_like(self.m2).scatter_add_(
             0, s.reshape(c, g, 1, 1).expand(c, g, v, v), outer
         )
+        if self.empty:  # merging into zeros changes nothing: skip the arithmetic
+            self.n, self.mean, self.m2, self.empty = cnt, mu, m2, False
+            return
         n_new = self.n + cnt
         frac = torch.where(n_new > 0, cnt / n_new.clamp_min(1.0), torch.zeros_like(cnt))
         delta = mu - self.mean

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Union
 
 import torch
@@ -27,7 +26,11 @@ class Strata:
     """Proportional allocation of `N` samples to components, per batch element of `p`.
 
     Component `k` of batch element `b` owns the sample rows `[start[b, k], end[b, k])`;
-    inside a stratum, rows alternate between fold 0 and fold 1.
+    inside a stratum, rows alternate between fold 0 and fold 1. Every shape comes from Python
+    ints (`N`, the number of components `K`, the batch size) and nothing is read back from the
+    weights' values, so the allocation traces under `torch.compile(fullgraph=True)`; the two
+    optional reads (`can_fit_controls`, `row_range`) only skip work, and are skipped when
+    compiling.
     """
 
     few = False
@@ -35,6 +38,8 @@ class Strata:
     def __init__(self, log_weights: Tensor, num_samples: int, single: bool = False) -> None:
         k = log_weights.shape[-1]
         self.single = single
+        self.num_samples = num_samples
+        self._ranges: Optional[tuple[list[int], list[int]]] = None
         if single:
             # One component of weight exactly 1 (log-weight 0): all N rows, no arithmetic needed.
             bf = log_weights.numel()
@@ -43,22 +48,22 @@ class Strata:
             )
             self.end = self.counts
             self.start = torch.zeros_like(self.counts)
-            self._start_min, self._end_max = [0], [num_samples]
-            self.max_count = num_samples
+            self._ranges = ([0], [num_samples])
             return
-        w = log_weights.detach().reshape(-1, k).to(torch.float64).exp()
-        w = w / w.sum(-1, keepdim=True)
-        positive = w > 0
-        npos = int(positive.sum(-1).max())
-        if num_samples < 2 * npos:
+        if num_samples < 2 * k:
             raise ValueError(
-                f"num_samples must be at least 2 per mixture component ({2 * npos} for "
-                f"{npos} components), got {num_samples}."
+                f"num_samples must be at least 2 per mixture component ({2 * k} for "
+                f"{k} components), got {num_samples}."
             )
+        w = log_weights.detach().reshape(-1, k).to(torch.float64).exp()
+        # A NaN weight makes the whole row NaN: allocate it as uniform (valid rows), the NaN
+        # reaches the estimate through the weights in `_fit.combine`.
+        w = (w / w.sum(-1, keepdim=True)).nan_to_num(1.0 / k)
+        positive = w > 0
         # Proportional allocation with a floor: a tiny-weight stratum whose f varies a lot
         # dominates the variance, and a variance from 2 samples (1 degree of freedom) makes
-        # 95% intervals cover about 70% (issue 11.5).
-        m_min = min(MIN_PER_STRATUM, max(2, num_samples // (16 * npos)))
+        # 95% intervals cover about 70% (issue 11.5). A zero weight gets no rows.
+        m_min = min(MIN_PER_STRATUM, max(2, num_samples // (16 * k)))
         small = positive & (w * num_samples < m_min)
         base = torch.where(small, m_min, 2 * positive.long())
         rest = num_samples - base.sum(-1, keepdim=True)
@@ -67,39 +72,52 @@ class Strata:
         floor = share.floor()
         left = rest - floor.long().sum(-1, keepdim=True)
         order = torch.argsort(torch.argsort(share - floor, dim=-1, descending=True), dim=-1)
-        counts = base + floor.long() + (order < left).long()
-        self.counts = counts.to(log_weights.device)  # (bf, K)
-        #: Largest stratum; a stratum of `n` rows has folds of `ceil(n/2)` and `floor(n/2)`.
-        self.max_count = int(counts.max())
-        self.end = counts.cumsum(-1).to(log_weights.device)
+        self.counts = base + floor.long() + (order < left).long()  # (bf, K)
+        self.end = self.counts.cumsum(-1)
         self.start = self.end - self.counts
-        self._start_min = self.start.amin(0).tolist()
-        self._end_max = self.end.amax(0).tolist()
 
-    def assign(self, first: int, last: int) -> tuple[Tensor, Tensor]:
-        """Component `(c, bf)` and fold `(c, bf)` of rows `first..last-1`."""
+    def assign(self, first: int, last: int, folds: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        """Component `(c, bf)` and fold `(c, bf)` (None unless `folds`) of rows
+        `first..last-1`."""
         bf = self.end.shape[0]
-        rows = torch.arange(first, last, device=self.end.device)
+        device = self.end.device
+        if self.single and not folds:
+            return torch.zeros((last - first, bf), dtype=torch.long, device=device), None
+        rows = torch.arange(first, last, device=device)
         if self.single:  # component 0 from row 0: the fold is the row's parity
             fold = (rows % 2).unsqueeze(-1).expand(last - first, bf).contiguous()
             return torch.zeros_like(fold), fold
         idx = torch.searchsorted(self.end, rows.expand(bf, -1).contiguous(), right=True).T
+        if not folds:
+            return idx.contiguous(), None
         fold = (rows.unsqueeze(-1) - self.start.T.gather(0, idx)) % 2  # (c, bf)
         return idx.contiguous(), fold
 
     def can_fit_controls(self) -> bool:
-        """Whether some stratum has both folds of `MIN_FOLD_FOR_CONTROLS` rows (see `_fit`).
+        """Whether some stratum may have both folds of `MIN_FOLD_FOR_CONTROLS` rows (`_fit`).
 
         When none has, `_fit.combine` returns the plain stratified mean and variance whatever
         the control columns hold (the moments of `f` do not depend on them), so the engine
         skips building, streaming and fitting the controls: the same value and standard error
-        for less work.
+        for less work. Under `torch.compile` the counts are not read back (a data-dependent
+        branch): the bound from `N` alone decides, and `_fit` ignores the controls of the
+        strata that are too small (the same value again).
         """
-        return self.max_count // 2 >= MIN_FOLD_FOR_CONTROLS
+        if self.num_samples // 2 < MIN_FOLD_FOR_CONTROLS:
+            return False
+        if self.single or torch.compiler.is_compiling():
+            return True
+        return int(self.counts.max()) // 2 >= MIN_FOLD_FOR_CONTROLS
 
     def row_range(self, k: int, first: int, last: int) -> tuple[int, int]:
-        """Rows in `[first, last)` where component `k` is drawn for some batch element."""
-        return max(first, int(self._start_min[k])), min(last, int(self._end_max[k]))
+        """Rows in `[first, last)` where component `k` may be drawn for some batch element
+        (all of them under `torch.compile`, which cannot read the allocation back)."""
+        if torch.compiler.is_compiling():
+            return first, last
+        if self._ranges is None:  # read back once, on first use (full-covariance draws)
+            self._ranges = (self.start.amin(0).tolist(), self.end.amax(0).tolist())
+        start_min, end_max = self._ranges
+        return max(first, int(start_min[k])), min(last, int(end_max[k]))
 
     def row_span(self, first: int, last: int) -> Callable[[int], tuple[int, int]]:
         """`k -> [lo, hi)`: the rows of chunk `[first, last)` (chunk-relative) that may hold
@@ -141,16 +159,21 @@ class IntervalStrata:
         cum = w.cumsum(-1)
         cum = cum / cum[:, -1:]
         u = torch.rand((bf, num_samples), generator=generator, dtype=hi, device=device)
-        u = (torch.arange(num_samples, dtype=hi, device=device) + u) / num_samples
-        idx = torch.searchsorted(cum.contiguous(), u, right=True)
-        # Rounding of the last cumulative weight must never pick a zero-weight tail component.
-        last = torch.where(w > 0, torch.arange(k, device=device), 0).amax(-1, keepdim=True)
-        self.idx = torch.minimum(idx, last).T.contiguous()  # (N, bf)
+        # u < 1 even after rounding: the normalised CDF reaches exactly 1 at the last positive
+        # weight, so a zero-weight tail component is never picked.
+        below_one = 1.0 - torch.finfo(hi).eps / 2
+        u = ((torch.arange(num_samples, dtype=hi, device=device) + u) / num_samples).clamp_max(
+            below_one
+        )
+        idx = torch.searchsorted(cum, u, right=True)
+        # A NaN weight (NaN CDF) may give any index: keep it in range (the estimate is NaN).
+        self.idx = idx.clamp_max(k - 1).T  # (N, bf)
 
-    def assign(self, first: int, last: int) -> tuple[Tensor, Tensor]:
-        """Component `(c, bf)` of rows `first..last-1` (and fold 0: rows are not folded)."""
+    def assign(self, first: int, last: int, folds: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        """Component `(c, bf)` of rows `first..last-1` (and fold 0 if `folds`: rows are not
+        folded)."""
         idx = self.idx[first:last]
-        return idx, torch.zeros_like(idx)
+        return idx, torch.zeros_like(idx) if folds else None
 
     def can_fit_controls(self) -> bool:
         return False
@@ -162,12 +185,12 @@ class IntervalStrata:
 def allocate(
     log_weights: Tensor, num_samples: int, single: bool, generator: Optional[torch.Generator]
 ) -> Union[Strata, IntervalStrata]:
-    """Proportional allocation when every positive-weight component can get two samples,
-    interval stratification (`IntervalStrata`) otherwise."""
+    """Proportional allocation when every component can get two samples (`N >= 2 K`),
+    interval stratification (`IntervalStrata`) otherwise. The choice depends on the shapes
+    only, never on the weights' values (a zero weight still counts), so it is static under
+    `torch.compile`."""
     if single:
         return Strata(log_weights, num_samples, single=True)
-    k = log_weights.shape[-1]
-    npos = int((log_weights.detach().reshape(-1, k) > -math.inf).sum(-1).max())
-    if num_samples < 2 * npos:
+    if num_samples < 2 * log_weights.shape[-1]:
         return IntervalStrata(log_weights, num_samples, generator)
     return Strata(log_weights, num_samples)
