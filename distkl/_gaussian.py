@@ -34,6 +34,7 @@ from distkl._torch_compat import exact_log_probs
 __all__ = [
     "GaussianMixture",
     "SUPPORTED_COMPONENTS",
+    "allocation_log_weights",
     "as_gaussian_mixture",
     "broadcast_mixtures",
     "entropies",
@@ -286,6 +287,20 @@ def invalid_elements(m: GaussianMixture) -> Tensor:
     bad = m.log_weights.isnan().any(-1) | m.loc.isnan().flatten(-2).any(-1)
     scale = m.scale_diag if m.scale_diag is not None else m.tril()
     return bad | scale.isnan().flatten(len(m.batch_shape)).any(-1)
+
+
+def allocation_log_weights(log_weights: Tensor) -> Tensor:
+    """`log_weights` `(*batch, K)` for planning draws: equal weights in a row holding a NaN.
+
+    Deciding how many draws each component gets needs numbers: a NaN weight would count as no
+    component at all (a division by zero when every row has one, garbage counts from a NaN cast
+    to an integer otherwise). The plan then uses equal weights for such a row, while the estimate
+    keeps the NaN weights, so it is NaN there (NaN in, NaN out) and the other rows are untouched.
+    A zero weight (log-weight `-inf`) is a legitimate weight and is kept.
+    """
+    bad = log_weights.isnan().any(-1, keepdim=True)
+    equal = torch.full_like(log_weights, -math.log(max(log_weights.shape[-1], 1)))
+    return torch.where(bad, equal, log_weights)
 
 
 def neutralize(m: GaussianMixture, mask: Tensor) -> GaussianMixture:

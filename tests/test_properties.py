@@ -205,10 +205,6 @@ def _xfail(reason: str, block: str) -> None:
 
 SKEW = "issue 11 item 9: a skew of 1e-17 raises 'math domain error' (log1p(-1)); owner core"
 NAN_CAT = "issue 11 item 2: a NaN logit counts as probability 0 (a number, not NaN); owner core"
-NAN_MIX = (
-    "issue 11 item 2 for Gaussian mixtures: a NaN mixture weight gives +inf from the 1-D "
-    "quadrature (bounded_kl: the bound), not NaN; owner onedim (quadrature) / gauss (weights)"
-)
 EMPTY_TORCH = (
     "torch's own KL rule for this pair crashes on an empty batch (torch, not distkl: distkl "
     "never changes what torch answers)"
@@ -278,26 +274,6 @@ _xfail(
     PATHWISE_COVER,
     """
 interval_coverage Independent(Normal)-LowRankMultivariateNormal:dominant-factor kl_mc float64
-""",
-)
-_xfail(
-    NAN_MIX,
-    """
-nan_in_nan_out MixtureSameFamily(Normal)-MixtureSameFamily(Normal) jsd_mc float64
-nan_in_nan_out Independent(Normal)-MixtureSameFamily(Independent(Normal)) jsd float64
-nan_in_nan_out Independent(Normal)-MixtureSameFamily(Independent(Normal)) jsd_mc float64
-nan_in_nan_out MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) kl float64
-nan_in_nan_out MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) kl_mc float64
-nan_in_nan_out MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) jsd float64
-nan_in_nan_out MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) jsd_mc float64
-nan_in_nan_out MixtureSameFamily(LowRankMultivariateNormal)-Independent(Normal) bounded_kl float64
-nan_in_nan_out LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) jsd float64
-nan_in_nan_out LowRankMultivariateNormal-MixtureSameFamily(MultivariateNormal) jsd_mc float64
-nan_in_nan_out MixtureSameFamily(Normal)-Normal:zero-weight-component kl_mc float64
-nan_in_nan_out MixtureSameFamily(Normal)-Normal:zero-weight-component jsd_mc float64
-nan_in_nan_out MixtureSameFamily(Normal)-Normal:tiny-far-component kl_mc float64
-nan_in_nan_out MixtureSameFamily(Normal)-Normal:tiny-far-component jsd_mc float64
-nan_in_nan_out Normal-MixtureSameFamily(Normal):switching-components jsd_mc float64
 """,
 )
 _xfail(

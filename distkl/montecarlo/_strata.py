@@ -8,6 +8,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from distkl._gaussian import allocation_log_weights
+
 __all__ = ["Strata", "IntervalStrata", "allocate", "MIN_FOLD_FOR_CONTROLS", "MIN_FOLD_PER_CONTROL"]
 
 #: A stratum's controls are fitted only when each of its two folds has at least
@@ -166,6 +168,7 @@ def allocate(
     interval stratification (`IntervalStrata`) otherwise."""
     if single:
         return Strata(log_weights, num_samples, single=True)
+    log_weights = allocation_log_weights(log_weights)  # a NaN row: planned as equal weights
     k = log_weights.shape[-1]
     npos = int((log_weights.detach().reshape(-1, k) > -math.inf).sum(-1).max())
     if num_samples < 2 * npos:
