@@ -290,17 +290,19 @@ def invalid_elements(m: GaussianMixture) -> Tensor:
 
 
 def allocation_log_weights(log_weights: Tensor) -> Tensor:
-    """`log_weights` `(*batch, K)` for planning draws: equal weights in a row holding a NaN.
+    """`log_weights` `(*batch, K)` for planning draws: all on component 0 in a row with a NaN.
 
     Deciding how many draws each component gets needs numbers: a NaN weight would count as no
     component at all (a division by zero when every row has one, garbage counts from a NaN cast
-    to an integer otherwise). The plan then uses equal weights for such a row, while the estimate
-    keeps the NaN weights, so it is NaN there (NaN in, NaN out) and the other rows are untouched.
-    A zero weight (log-weight `-inf`) is a legitimate weight and is kept.
+    to an integer otherwise). Such a row is planned as one component of weight 1, which never
+    raises the number of components the plan must serve, so the other rows get the plan they
+    would get without it; the estimate keeps the NaN weights, so it is NaN there (NaN in, NaN
+    out). A zero weight (log-weight `-inf`) is a legitimate weight and is kept.
     """
     bad = log_weights.isnan().any(-1, keepdim=True)
-    equal = torch.full_like(log_weights, -math.log(max(log_weights.shape[-1], 1)))
-    return torch.where(bad, equal, log_weights)
+    k = torch.arange(log_weights.shape[-1], device=log_weights.device)
+    first = torch.where(k == 0, 0.0, -math.inf).to(log_weights.dtype)
+    return torch.where(bad, first, log_weights)
 
 
 def neutralize(m: GaussianMixture, mask: Tensor) -> GaussianMixture:

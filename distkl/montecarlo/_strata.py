@@ -168,7 +168,7 @@ def allocate(
     interval stratification (`IntervalStrata`) otherwise."""
     if single:
         return Strata(log_weights, num_samples, single=True)
-    log_weights = allocation_log_weights(log_weights)  # a NaN row: planned as equal weights
+    log_weights = allocation_log_weights(log_weights)  # a NaN row: planned as one component
     k = log_weights.shape[-1]
     npos = int((log_weights.detach().reshape(-1, k) > -math.inf).sum(-1).max())
     if num_samples < 2 * npos:
