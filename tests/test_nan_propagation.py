@@ -141,7 +141,7 @@ def single_gaussian_p(p: Distribution) -> bool:
 
 # ---- the entry points ------------------------------------------------------------------------
 
-#: name -> (p, q, device) -> (value, stderr or None, deterministic)
+#: One entry point's answer: (value, stderr or None, whether the value is deterministic).
 Result = tuple[Tensor, Optional[Tensor], bool]
 
 
