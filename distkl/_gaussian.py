@@ -34,6 +34,7 @@ from distkl._torch_compat import exact_log_probs, validated
 __all__ = [
     "GaussianMixture",
     "SUPPORTED_COMPONENTS",
+    "allocation_log_weights",
     "as_gaussian_mixture",
     "broadcast_mixtures",
     "entropies",
@@ -288,6 +289,22 @@ def invalid_elements(m: GaussianMixture) -> Tensor:
     bad = m.log_weights.isnan().any(-1) | m.loc.isnan().flatten(-2).any(-1)
     scale = m.scale_diag if m.scale_diag is not None else m.tril()
     return bad | scale.isnan().flatten(len(m.batch_shape)).any(-1)
+
+
+def allocation_log_weights(log_weights: Tensor) -> Tensor:
+    """`log_weights` `(*batch, K)` for planning draws: all on component 0 in a row with a NaN.
+
+    Deciding how many draws each component gets needs numbers: a NaN weight would count as no
+    component at all (a division by zero when every row has one, garbage counts from a NaN cast
+    to an integer otherwise). Such a row is planned as one component of weight 1, which never
+    raises the number of components the plan must serve, so the other rows get the plan they
+    would get without it; the estimate keeps the NaN weights, so it is NaN there (NaN in, NaN
+    out). A zero weight (log-weight `-inf`) is a legitimate weight and is kept.
+    """
+    bad = log_weights.isnan().any(-1, keepdim=True)
+    k = torch.arange(log_weights.shape[-1], device=log_weights.device)
+    first = torch.where(k == 0, 0.0, -math.inf).to(log_weights.dtype)
+    return torch.where(bad, first, log_weights)
 
 
 def neutralize(m: GaussianMixture, mask: Tensor) -> GaussianMixture:

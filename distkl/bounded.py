@@ -70,9 +70,9 @@ def js_divergence_normalized(p: Distribution, q: Distribution, *, skew: float = 
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
-    """`sqrt(x)` with gradient 0 (not inf or NaN) at `x = 0`."""
+    """`sqrt(x)` with gradient 0 (not inf or NaN) at `x = 0`; NaN stays NaN."""
     pos = x > 0
-    return torch.where(pos, torch.where(pos, x, 1.0).sqrt(), 0.0)
+    return torch.where(pos, torch.where(pos, x, 1.0).sqrt(), torch.where(x.isnan(), x, 0.0))
 
 
 def js_distance(

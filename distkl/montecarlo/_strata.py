@@ -7,6 +7,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from distkl._gaussian import allocation_log_weights
+
 __all__ = ["Strata", "IntervalStrata", "allocate", "MIN_FOLD_FOR_CONTROLS", "MIN_FOLD_PER_CONTROL"]
 
 #: A stratum's controls are fitted only when each of its two folds has at least
@@ -191,6 +193,7 @@ def allocate(
     `torch.compile`."""
     if single:
         return Strata(log_weights, num_samples, single=True)
+    log_weights = allocation_log_weights(log_weights)  # a NaN row: planned as one component
     if num_samples < 2 * log_weights.shape[-1]:
         return IntervalStrata(log_weights, num_samples, generator)
     return Strata(log_weights, num_samples)
