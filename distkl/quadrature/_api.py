@@ -63,9 +63,9 @@ def kl_quadrature(p: Distribution, q: Distribution, *, nodes: int = 128) -> Tens
         (mu, sigma), (nu, tau) = loc_scale(mp), loc_scale(mq)
         mu, sigma = mu[..., 0], sigma[..., 0]
         flat = mu.reshape(-1)
-        lv, loc, scale = (t.reshape(-1, t.shape[-1])[0] for t in (mq.log_weights, nu, tau))
-        if q.batch_shape.numel() == 1 and shared_prior_applies(flat, lv):
+        if q.batch_shape.numel() == 1 and shared_prior_applies(flat):
             # Many posteriors, one prior (a Bayesian network): product weights shared by all.
+            lv, loc, scale = (t.reshape(-1, t.shape[-1])[0] for t in (mq.log_weights, nu, tau))
             kl = kl_normal_shared_mixture(flat, sigma.reshape(-1), lv, loc, scale)
             if kl is not None:
                 return kl.reshape(mu.shape).to(dtype)

@@ -73,10 +73,10 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _GH_T, _GH_W = np.polynomial.hermite.hermgauss(GH_NODES)
 
 
-def shared_prior_applies(mu: Tensor, log_v: Tensor) -> bool:
-    """True when the rule can take the call: eager mode and a flat batch of at least
-    `MIN_BATCH` posteriors against one prior (its parameters of shape `(K,)`)."""
-    return not torch.compiler.is_compiling() and mu.numel() >= MIN_BATCH and log_v.dim() == 1
+def shared_prior_applies(mu: Tensor) -> bool:
+    """True when the rule can take the call: eager mode and at least `MIN_BATCH` posteriors
+    (the caller checks that the prior is one, of batch shape `()` or its equivalent)."""
+    return not torch.compiler.is_compiling() and mu.numel() >= MIN_BATCH
 
 
 def kl_normal_shared_mixture(
