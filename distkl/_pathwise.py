@@ -392,9 +392,11 @@ def _loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) 
     if m * max(1, batch_p.numel()) - 1 < MIN_FIT_UNITS:
         return None
     k = units.shape[-1] - 1
-    # A NaN (or infinite) unit, e.g. from a NaN parameter in one batch element, is left out of
-    # the pooled statistics: it must make its own element NaN, not every element's coefficients.
-    units = torch.where(torch.isfinite(units).all(-1, keepdim=True), units, 0.0)
+    # A NaN (or infinite) entry, e.g. from a NaN parameter in one batch element, is left out of
+    # the pooled statistics (one op; the value of an entry set to 0 comes from other draws, so
+    # the coefficients stay independent of the draw they are used for): it makes its own element
+    # NaN, not every element's coefficients.
+    units = torch.nan_to_num(units, nan=0.0, posinf=0.0, neginf=0.0)
     outer = (units.unsqueeze(-1) * units[..., 1:].unsqueeze(-2)).sum_to_size(
         m, *pad, *batch_p, k + 1, k
     )  # (m, *pad, *bp, 1 + k, k): rows t, c_1[, c_2] times columns c_1[, c_2]
