@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from distkl._checks import check_choice, check_same_num_categories, check_skew
+from distkl._checks import broadcast_shape, check_choice, check_same_num_categories, check_skew
 from distkl._logspace import js_from_log_probs, kl_from_log_probs, safe_log
 from distkl._torch_compat import default_validate_args
 
@@ -210,7 +210,7 @@ def _log_prob_pair(
     log_q = log_probs(logits=q_logits, probs=q_probs, dim=dim, name="q", validate_args=check)
     check_same_num_categories(log_p.shape[dim], log_q.shape[dim])
     try:
-        torch.broadcast_shapes(log_p.shape, log_q.shape)
+        broadcast_shape(log_p.shape, log_q.shape)
     except RuntimeError:
         raise ValueError(
             f"p and q shapes must broadcast, got {tuple(log_p.shape)} and {tuple(log_q.shape)}."

@@ -34,11 +34,12 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _restore_default_validation():
-    """A test module that leaves torch's default argument validation off cannot leak that to the
-    next module. (Compiling a function that builds distributions turns it off as a side effect in
-    torch 2.13, and test_compile's cases run in that state after its first one.)"""
+    """A test that leaves torch's default argument validation off cannot leak that to the next
+    one (the first `torch.compile` of code that builds distributions in a process turns it off
+    as a side effect in torch 2.13; a docs page that compiles must not change what a later
+    page's error examples print)."""
     before = default_validate_args()
     yield
     Distribution.set_default_validate_args(before)

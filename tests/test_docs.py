@@ -27,7 +27,6 @@ import pytest
 from sybil import Sybil
 from sybil.example import SybilFailure
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
-from torch.distributions import Distribution
 
 import distkl
 from distkl import registry
@@ -91,13 +90,9 @@ def run_page(page: Path, name: str) -> int:
 @pytest.fixture
 def _registries_restored():
     """Pages may register example rules (and the Pyro example imports Pyro, which registers its
-    own); undo that so tests stay independent of order. The same for torch's default argument
-    validation, which the first `torch.compile` in a process turns off (torch 2.13): the page
-    that compiles must not change what a later page's error examples print."""
-    before = Distribution._validate_args
+    own); undo that so tests stay independent of order."""
     with registry.preserved_registries():
         yield
-    Distribution.set_default_validate_args(before)
 
 
 def test_readme_and_guide_have_checked_output():

@@ -203,38 +203,13 @@ def _xfail(reason: str, block: str) -> None:
         KNOWN[tuple(line.split())] = reason
 
 
-SKEW = "issue 11 item 9: a skew of 1e-17 raises 'math domain error' (log1p(-1)); owner core"
-NAN_CAT = "issue 11 item 2: a NaN logit counts as probability 0 (a number, not NaN); owner core"
 EMPTY_TORCH = (
     "torch's own KL rule for this pair crashes on an empty batch (torch, not distkl: distkl "
     "never changes what torch answers)"
 )
-LOWRANK32 = "issue 11 item 7: NaN for a factor row dominating its diagonal (float32); owner gauss"
 TORCH_LR32 = (
     "torch's LowRank-LowRank rule gives KL(p, copy of p) = -0.5 in float32 for a factor of 1e4 "
     "(cancellation; torch's answer), and bounded_kl passes the negative value through"
-)
-
-COVER_WEIGHT = (
-    "issue 11 item 3: with a weight-0 component (counted as eps) the 95% intervals cover 0.72 "
-    "(kl_mc) and 0.00 (jsd_mc, against quadrature) of 64 seeds; owner gauss (weights), mcengine"
-)
-COVER_TINY = (
-    "issue 11 item 5: a far component of weight 1e-10: the 95% intervals cover 0.72 (kl_mc) and "
-    "0.00 (jsd_mc) of 64 seeds; owner mcengine"
-)
-COVER_JSD = (
-    "not in issue 11 by row: jsd_mc's 95% interval covers 0.58 of 64 seeds for N(0, 1) against "
-    "a LowRank with factor 1e4 (near-disjoint; item 5 asks the same of jsd_mc); owner mcengine"
-)
-
-PATHWISE_SCALAR = (
-    "not in issue 11: kl_mc with a Gaussian p of batch shape () raises TypeError (reshape() "
-    "without a shape) in distkl/_pathwise.py; owner training"
-)
-PATHWISE_EMPTY = (
-    "issue 11 item 8 in the new distkl/_pathwise.py: an empty batch raises min() of an empty "
-    "tensor; owner training"
 )
 
 # ruff: noqa: E501  (the generated table below names long row ids)

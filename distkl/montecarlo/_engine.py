@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from distkl._checks import check_positive_int
+from distkl._checks import broadcast_shape, check_positive_int
 from distkl.montecarlo._estimate import Estimate
 from distkl.montecarlo._fit import combine
 from distkl.montecarlo._moments import StratumMoments
@@ -73,7 +73,7 @@ def _stats_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 def _out_shape(f: Tensor, batch_p: torch.Size, draw: Draw) -> torch.Size:
     try:
-        out = torch.broadcast_shapes(f.shape[1:], batch_p)
+        out = broadcast_shape(f.shape[1:], batch_p)
         f.expand(f.shape[0], *out)
     except RuntimeError:
         raise ValueError(
