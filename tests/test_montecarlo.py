@@ -253,6 +253,7 @@ def test_gaussian_pair_variance_reduction_is_capped(monkeypatch):
     variance reduction (MAX_VARIANCE_REDUCTION) and the stderr reports the shrunk estimator."""
     # The stratified engine (one Gaussian p would take distkl._pathwise otherwise).
     monkeypatch.setattr(montecarlo, "pathwise_applies", lambda p, q, n: False)
+    monkeypatch.setattr(montecarlo, "reverse_applies", lambda p, q, n: False)
     p = Normal(torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64))
     q = Normal(torch.tensor(-1.0, dtype=torch.float64), torch.tensor(1.9, dtype=torch.float64))
     g = torch.Generator().manual_seed(0)

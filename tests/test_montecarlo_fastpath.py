@@ -64,8 +64,10 @@ CONFIGS = [(16, None), (40, 7), (2 * MIN_FOLD_FOR_CONTROLS - 1, None)]
 @pytest.mark.parametrize("ex", params(by_family("mixture")))
 @pytest.mark.parametrize("reverse", [False, True], ids=["pq", "qp"])
 def test_kl_mc_fast_path_same_values(ex, reverse, device, dtype, monkeypatch):
-    # The stratified engine's paths (one Gaussian p would take distkl._pathwise otherwise).
+    # The stratified engine's paths (one Gaussian p would take distkl._pathwise otherwise, a
+    # diagonal mixture p against one Gaussian q distkl._reverse).
     monkeypatch.setattr(montecarlo, "pathwise_applies", lambda p, q, n: False)
+    monkeypatch.setattr(montecarlo, "reverse_applies", lambda p, q, n: False)
     p, q = ex.build(device, dtype)
     if reverse:
         p, q = q, p

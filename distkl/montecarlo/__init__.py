@@ -50,6 +50,7 @@ from distkl._checks import batch_shape_of, check_same_event_shape, check_skew
 from distkl._logspace import clamp_to_js_range
 from distkl._options import get_options, samples_per_pair
 from distkl._pathwise import kl_pathwise, pathwise_applies
+from distkl._reverse import kl_mixture_to_gaussian, reverse_applies
 from distkl.montecarlo._engine import run
 from distkl.montecarlo._estimate import Estimate
 from distkl.montecarlo._integrand import (
@@ -203,10 +204,42 @@ def kl_mc(
             `num_samples` / `chunk_size` is not a positive int.
         TypeError: when `generator` is not a `torch.Generator`.
     """
+    return _kl_mc(p, q, num_samples, generator, chunk_size, control_variates, samples, True)
+
+
+def kl_mc_value(
+    p: Distribution,
+    q: Distribution,
+    *,
+    num_samples: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """`kl_mc(p, q, ...).value` (the registered rule's method "mc"), skipping the standard error
+    where it is a separate computation (the few-sample estimator)."""
+    return _kl_mc(p, q, num_samples, generator, chunk_size, True, None, False).value
+
+
+def _kl_mc(
+    p: Distribution,
+    q: Distribution,
+    num_samples: Optional[int],
+    generator: Optional[torch.Generator],
+    chunk_size: Optional[int],
+    control_variates: bool,
+    samples: Optional[Tensor],
+    stderr: bool,
+) -> Estimate:
     opts = get_options()
     check_same_event_shape(p, q)
     batch = batch_shape_of(p, q)
     n = samples_per_pair(opts.num_samples if num_samples is None else num_samples, batch.numel())
+    gen = opts.generator if generator is None else generator
+    # The value alone, of a diagonal mixture p against one Gaussian q: distkl._reverse (the
+    # cross term exact; it has no honest standard error at few draws, see there).
+    if not stderr and samples is None and batch.numel() > 0 and reverse_applies(p, q, n):
+        value = kl_mixture_to_gaussian(p, q, num_samples=n, generator=gen)
+        return Estimate(value, torch.full_like(value.detach(), math.nan), n)
     # One Gaussian p: distkl._pathwise. An empty batch stays here (an empty result, no draws).
     if samples is not None or (batch.numel() > 0 and pathwise_applies(p, q, n)):
         r = kl_pathwise(
@@ -216,6 +249,7 @@ def kl_mc(
             samples=samples,
             control_variates=control_variates,
             generator=opts.generator if generator is None else generator,
+            stderr=stderr,
         )
         return Estimate(r.value, r.stderr, r.num_samples)
     sampler = make_sampler(p)

@@ -8,10 +8,17 @@ serves KL and JSD; what `kl_divergence(p, q)` and `js_divergence(p, q)` compute 
 | method | KL | JSD |
 |---|---|---|
 | `"auto"` (default) | `"quadrature"` for 1-D events (event shape `()`), else `"mc"` | the same |
-| `"mc"` | `distkl.kl_mc` (unbiased, random) | `distkl.jsd_mc` |
+| `"mc"` | `distkl.kl_mc`'s value (unbiased, random; see below) | `distkl.jsd_mc` |
 | `"quadrature"` | `distkl.kl_quadrature` (deterministic, 1-D events) | `distkl.jsd_quadrature` |
 | `"variational"` | `distkl.kl_variational` (Hershey & Olsen 2007; biased) | none: `ValueError` |
 | `"unscented"` | `distkl.kl_unscented` (deterministic, biased) | none: `ValueError` |
+
+The `"mc"` rule needs no standard error, so for a mixture of diagonal components against one
+Normal-family distribution (the prior-against-posterior direction of a VAE) it computes
+$\sum_k w_k [\mathrm{KL}(p_k \| q) + \mathbb{E}_{p_k}[\log p - \log p_k]]$ (`distkl._reverse`):
+the cross term exact, the mixture's own entropy from draws of the components shared by the
+batch. It is unbiased like `kl_mc` (which keeps the stratified engine, whose standard error is
+honest), with an exact gradient in q's parameters.
 
 Monte Carlo takes `num_samples`, `generator` and `chunk_size` from the options,
 quadrature `quadrature_nodes`. A method with no JSD counterpart raises instead of silently
@@ -52,7 +59,7 @@ from distkl._checks import batch_shape_of, check_same_event_shape, describe, uns
 from distkl._gaussian import SUPPORTED_COMPONENTS, is_gaussian_family
 from distkl._options import Options, get_options
 from distkl.approx import kl_unscented, kl_variational
-from distkl.montecarlo import jsd_mc, kl_mc
+from distkl.montecarlo import jsd_mc, kl_mc_value
 from distkl.quadrature import jsd_quadrature, kl_quadrature
 from distkl.registry import PerCallKind, register_jsd, register_kl
 
@@ -81,9 +88,9 @@ _MULTIVARIATE_TYPES = (Independent, MultivariateNormal, LowRankMultivariateNorma
 
 
 def _kl_by_mc(p: Distribution, q: Distribution, opts: Options) -> Tensor:
-    return kl_mc(
+    return kl_mc_value(
         p, q, num_samples=opts.num_samples, generator=opts.generator, chunk_size=opts.chunk_size
-    ).value
+    )
 
 
 def _jsd_by_mc(p: Distribution, q: Distribution, alpha: float, opts: Options) -> Tensor:
