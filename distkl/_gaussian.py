@@ -149,7 +149,12 @@ def is_gaussian_family(d: Distribution) -> bool:
 
 
 def _is_gaussian_component(d: Distribution) -> bool:
-    if isinstance(d, (Normal, MultivariateNormal, LowRankMultivariateNormal)):
+    return isinstance(d, (MultivariateNormal, LowRankMultivariateNormal)) or is_diagonal_gaussian(d)
+
+
+def is_diagonal_gaussian(d: Distribution) -> bool:
+    """True for `Normal` and `Independent(Normal, 1)` (the families with a diagonal scale)."""
+    if isinstance(d, Normal):
         return True
     # isinstance throughout: subclasses (Pyro's Normal, its .to_event(1)) are supported too.
     return (

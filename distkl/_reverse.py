@@ -36,11 +36,17 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Independent, MixtureSameFamily, Normal
+from torch.distributions import Distribution, MixtureSameFamily
 
 from distkl._checks import batch_shape_of
 from distkl._diagonal import diag_log_normaliser, diag_mixture_log_prob
-from distkl._gaussian import as_gaussian_mixture, is_gaussian_family, pairwise_kl, same_parameters
+from distkl._gaussian import (
+    as_gaussian_mixture,
+    is_diagonal_gaussian,
+    is_gaussian_family,
+    pairwise_kl,
+    same_parameters,
+)
 from distkl._rng import rng_scope
 
 __all__ = ["reverse_applies", "kl_mixture_to_gaussian", "draws_per_component"]
@@ -67,12 +73,7 @@ def reverse_applies(p: Distribution, q: Distribution, num_samples: int) -> bool:
     if not isinstance(p, MixtureSameFamily) or isinstance(q, MixtureSameFamily):
         return False
     comp = p.component_distribution
-    diagonal = isinstance(comp, Normal) or (
-        isinstance(comp, Independent)
-        and isinstance(comp.base_dist, Normal)
-        and comp.reinterpreted_batch_ndims == 1
-    )
-    if not diagonal or not is_gaussian_family(q):
+    if not is_diagonal_gaussian(comp) or not is_gaussian_family(q):
         return False
     try:
         batch = batch_shape_of(p, q)

@@ -215,8 +215,10 @@ def kl_mc_value(
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
 ) -> Tensor:
-    """`kl_mc(p, q, ...).value` (the registered rule's method "mc"), skipping the standard error
-    where it is a separate computation (the few-sample estimator)."""
+    """The registered rule's method "mc": `kl_mc`'s value without its standard error (the
+    few-sample estimator skips computing it), except that a diagonal mixture p against one
+    Normal-family q takes `distkl._reverse` (the cross term exact; unbiased, but no honest
+    standard error at few draws, which `kl_mc` must report)."""
     return _kl_mc(p, q, num_samples, generator, chunk_size, True, None, False).value
 
 
@@ -248,7 +250,7 @@ def _kl_mc(
             num_samples=n,
             samples=samples,
             control_variates=control_variates,
-            generator=opts.generator if generator is None else generator,
+            generator=gen,
             stderr=stderr,
         )
         return Estimate(r.value, r.stderr, r.num_samples)
@@ -258,7 +260,7 @@ def _kl_mc(
         sampler,
         integrand,
         num_samples=n,
-        generator=opts.generator if generator is None else generator,
+        generator=gen,
         chunk_size=opts.chunk_size if chunk_size is None else chunk_size,
         use_controls=control_variates,
         out_batch=batch,
