@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["diag_mixture_log_prob", "diag_log_normaliser"]
+__all__ = ["diag_mixture_log_prob", "diag_log_normaliser", "plain_mixture_log_prob"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -58,7 +58,7 @@ def diag_mixture_log_prob(
             has them (computed without gradient); they are not differentiated.
     """
     if torch.compiler.is_compiling():  # the compiler fuses the plain operations itself
-        return _reference(z, log_weights, loc, scale)
+        return plain_mixture_log_prob(z, log_weights, loc, scale)
     if inv_scale is None or log_norm is None:
         with torch.no_grad():
             inv_scale = scale.reciprocal()
@@ -66,7 +66,7 @@ def diag_mixture_log_prob(
     return _DiagMixtureLogProb.apply(z, log_weights, loc, scale, inv_scale, log_norm)
 
 
-def _reference(z: Tensor, log_weights: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+def plain_mixture_log_prob(z: Tensor, log_weights: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
     """The same value with differentiable operations (the graph for second derivatives)."""
     u = (z.unsqueeze(-2) - loc) / scale
     comp = -scale.log().sum(-1) - 0.5 * scale.shape[-1] * _LOG_2PI - 0.5 * u.square().sum(-1)
@@ -97,7 +97,7 @@ class _DiagMixtureLogProb(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
             wanted = [t for t, need in zip((z, log_weights, loc, scale), needs) if need]
             with torch.enable_grad():
-                ref = _reference(z, log_weights, loc, scale)
+                ref = plain_mixture_log_prob(z, log_weights, loc, scale)
                 grads = iter(torch.autograd.grad(ref, wanted, grad, create_graph=True))
             return (*(next(grads) if need else None for need in needs), None, None)
         need_z, need_w, need_loc, need_scale = needs

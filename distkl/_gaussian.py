@@ -37,6 +37,7 @@ __all__ = [
     "allocation_log_weights",
     "as_gaussian_mixture",
     "broadcast_mixtures",
+    "diagonal_params",
     "entropies",
     "expected_log_density",
     "half_log_det",
@@ -185,13 +186,10 @@ def _component_params(
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], torch.Size]:
     """(loc (*b, D), scale_diag (*b, D) | None, scale_tril (*b, D, D) | None, event_shape)."""
     if isinstance(d, Normal):
-        loc, scale = torch.broadcast_tensors(d.loc, d.scale)
-        scale = scale if validated(d) else _nan_where_negative(scale)
+        loc, scale = _loc_scale(d)
         return loc.unsqueeze(-1), scale.unsqueeze(-1), None, torch.Size()
     if isinstance(d, Independent) and isinstance(d.base_dist, Normal):
-        base = d.base_dist
-        loc, scale = torch.broadcast_tensors(base.loc, base.scale)
-        scale = scale if validated(base) else _nan_where_negative(scale)
+        loc, scale = _loc_scale(d.base_dist)
         return loc, scale, None, d.event_shape
     if isinstance(d, MultivariateNormal):
         return d.loc, None, _nan_where_negative_diagonal(d.scale_tril), d.event_shape
@@ -199,6 +197,23 @@ def _component_params(
         # Dense Cholesky of W W^T + diag(D): mixtures need the full factor anyway.
         return d.loc, None, torch.linalg.cholesky(d.covariance_matrix), d.event_shape
     raise AssertionError("unreachable: checked by is_gaussian_family")
+
+
+def _loc_scale(d: Normal) -> tuple[Tensor, Tensor]:
+    """A Normal's `loc` and `scale`, of one shape (no copy when they already have it)."""
+    loc, scale = d.loc, d.scale
+    if loc.shape != scale.shape:  # torch broadcasts them; a subclass might not
+        loc, scale = torch.broadcast_tensors(loc, scale)
+    return loc, scale if validated(d) else _nan_where_negative(scale)
+
+
+def diagonal_params(d: Distribution) -> tuple[Tensor, Tensor]:
+    """`(loc, scale)` of shape `(*batch, D)` of a `Normal` (D = 1) or `Independent(Normal, 1)`:
+    the distribution's own tensors (or views of them), as `as_gaussian_mixture` reads them."""
+    loc, scale, _, _ = _component_params(d)
+    if scale is None:
+        raise AssertionError("diagonal_params needs a diagonal Gaussian (is_diagonal_gaussian)")
+    return loc, scale
 
 
 def as_gaussian_mixture(d: Distribution, *, role: str = "distribution") -> GaussianMixture:

@@ -18,16 +18,18 @@ and two zero-mean control variates for each sample unit $u$:
   $q$ that best matches $p$ (a Gaussian cross-entropy, closed form). Unlike $c_1$ it has a
   pathwise gradient with zero mean, so it is also a control variate for the gradient (with
   respect to both $p$'s and $q$'s parameters): it removes the part of $\nabla \log q(z)$ that
-  the dominant component explains. It is used from `MATCHED_MIN_SAMPLES` (8) samples per pair:
-  below that its fixed cost (about fifteen operations, a third of a small training step) is not
-  repaid. Measured (`benchmarks/bench_mc_training.py`): without it the value's and the
-  posterior gradient's variance at n = 1 and 4 are the naive snippet's (ratios 0.94-1.05 on the
-  generic grid, against 1.6-1.9 with it), and in the trained regime still 45x (value, n = 1) and
-  27x (gradient, n = 2) below it.
+  the dominant component explains. It is used from `MATCHED_MIN_SAMPLES` (8) samples per pair
+  and `MATCHED_MIN_DIM` (8) event dimensions: below either, its fixed cost (about fifteen
+  operations, a third of a small training step) is not repaid (at D = 2 and n = 16 the step
+  took 1.5 times the naive snippet's time with it). Measured
+  (`benchmarks/bench_mc_training.py`): without it the value's and the posterior gradient's
+  variance at n = 1 and 4 are the naive snippet's (ratios 0.94-1.05 on the generic grid,
+  against 1.6-1.9 with it), and in the trained regime still 45x (value, n = 1) and 27x
+  (gradient, n = 2) below it.
 
-Diagonal p and q below that count take `_few_diagonal`: the same estimator with $c_1$ only, in
-the fewest tensor operations (the log-density of q with a hand-written backward,
-`distkl._diagonal`), centred on $-\log \sum_k v_k \exp \mathbb{E}_p[\log q_k]$.
+Diagonal p and q without it take `_few_diagonal`: the same estimator with $c_1$ only, as one
+autograd node with a hand-written backward (`distkl._few`), centred on
+$-\log \sum_k v_k \exp \mathbb{E}_p[\log q_k]$.
 
 The coefficients are fitted by least squares on the units of the whole call (across the batch,
 so one sample per pair is enough) and **cross-fitted**: unit $u$'s coefficients come from all the
@@ -60,21 +62,22 @@ from torch.distributions import Distribution, MixtureSameFamily
 
 from distkl._checks import batch_shape_of, check_positive_int, check_same_event_shape
 from distkl._diagonal import diag_log_normaliser, diag_mixture_log_prob
+from distkl._few import FewSpec, few_diagonal
 from distkl._gaussian import (
     GaussianMixture,
     as_gaussian_mixture,
+    diagonal_params,
     half_log_det,
     is_gaussian_family,
     pairwise_kl,
     same_parameters,
 )
 from distkl._rng import rng_scope
+from distkl._stats import MIN_FIT_UNITS, RIDGE, loo_one, t_stderr
 from distkl.density import gaussian_scorer
 
 __all__ = ["pathwise_applies", "kl_pathwise", "PathwiseResult", "MIN_FIT_UNITS"]
 
-#: Fewest units left for a leave-one-out fit of the coefficients (else the naive weights).
-MIN_FIT_UNITS = 16
 #: Antithetic pairs when the posterior's largest scale is below this fraction of the smallest
 #: component scale of q (in at least half of the batch).
 ANTITHETIC_RATIO = 0.5
@@ -83,12 +86,11 @@ ANTITHETIC_RATIO = 0.5
 MAX_WORK = 1 << 23
 #: Largest `(*sample, *batch, K, D)` intermediate scored elementwise (beyond: GEMMs).
 ELEMENTWISE_LIMIT = 1 << 18
-#: Relative ridge on the diagonal of the normal equations (bounds the coefficients of nearly
-#: collinear controls; shrinks a coefficient by about this fraction otherwise).
-RIDGE = 1e-2
 _LOG_2PI = math.log(2 * math.pi)
 #: Fewest samples per pair for the matched control c_2 (below: c_1 only; see the module docstring).
 MATCHED_MIN_SAMPLES = 8
+#: Fewest event dimensions for the matched control c_2 (below: c_1 only; see the module docstring).
+MATCHED_MIN_DIM = 8
 
 
 @dataclass(frozen=True)
@@ -178,17 +180,17 @@ def kl_pathwise(
     batch = batch_shape_of(p, q)
     gp = as_gaussian_mixture(p, role="p")
     gq = as_gaussian_mixture(q, role="q") if is_gaussian_family(q) else None
-    eps, z, paired = _draws(p, gp, num_samples, samples, generator, antithetic, gq)
-    n = z.shape[0]
     pad = (1,) * (len(batch) - len(p.batch_shape))
-    z_b = z.reshape(n, *pad, *z.shape[1:])
-    matched = control_variates and n >= MATCHED_MIN_SAMPLES
-    if not matched and _few_diagonal_applies(gp, gq, z_b):
+    few = _few_diagonal_applies(gp, gq, samples, num_samples, control_variates, batch)
+    eps, z, paired = _draws(p, gp, num_samples, samples, generator, antithetic, gq, not few)
+    n = eps.shape[0]
+    if few:
         assert gq is not None
-        value, se = _few_diagonal(
-            gp, gq, eps, z_b, paired, pad, batch, p.batch_shape, control_variates, stderr
-        )
+        value, se = _few_diagonal(p, gq, eps, z, paired, pad, control_variates, stderr)
         return _finish(gp, gq, value, se, n)
+    assert z is not None
+    z_b = z.reshape(n, *pad, *z.shape[1:])
+    matched = _matched(control_variates, n, gp.dim)
     y, c2, base = _log_q_terms(q, gp, gq, z_b, control_variates, matched, batch)
     c1 = 0.5 * (gp.dim - eps.square().sum(-1))  # (n, *batch_p), detached
     c1 = c1.reshape(n, *pad, *c1.shape[1:]).to(y.dtype).expand(n, *batch)
@@ -208,7 +210,7 @@ def kl_pathwise(
             per_unit = per_unit - coef[..., 1] * c2
     m = per_unit.shape[0]
     value = per_unit.mean(0) - ent
-    se = _stderr(per_unit.detach(), m) if stderr else None
+    se = t_stderr(per_unit.detach(), m) if stderr else None
     return _finish(gp, gq, value, se, n)
 
 
@@ -230,9 +232,32 @@ def _finish(
     return PathwiseResult(value, se, n)
 
 
-def _few_diagonal_applies(gp: GaussianMixture, gq: Optional[GaussianMixture], z: Tensor) -> bool:
-    """Diagonal p and q, small enough for `_log_q`'s elementwise path (`_few_diagonal`)."""
-    return gq is not None and gp.scale_diag is not None and _elementwise(gq, z)
+def _matched(control_variates: bool, n: int, d: int) -> bool:
+    """Use the matched control c_2 (see the module docstring)."""
+    return control_variates and n >= MATCHED_MIN_SAMPLES and d >= MATCHED_MIN_DIM
+
+
+def _few_diagonal_applies(
+    gp: GaussianMixture,
+    gq: Optional[GaussianMixture],
+    samples: Optional[Tensor],
+    num_samples: Optional[int],
+    control_variates: bool,
+    batch: torch.Size,
+) -> bool:
+    """Diagonal p and q, small enough to score elementwise, and no matched control
+    (`_few_diagonal`)."""
+    if gq is None or gp.scale_diag is None or gq.scale_diag is None:
+        return False
+    if samples is not None:
+        if not isinstance(samples, Tensor):  # `_draws` says what it expected
+            return False
+        n = samples.shape[0] if samples.dim() > len(gp.batch_shape) + len(gp.event_shape) else 1
+    else:
+        n = 1 if num_samples is None else num_samples
+    matched = _matched(control_variates, n, gp.dim)
+    work = n * max(1, batch.numel()) * gp.dim * gq.num_components
+    return not matched and work <= ELEMENTWISE_LIMIT
 
 
 def _elementwise(gq: GaussianMixture, z: Tensor) -> bool:
@@ -241,58 +266,37 @@ def _elementwise(gq: GaussianMixture, z: Tensor) -> bool:
 
 
 def _few_diagonal(
-    gp: GaussianMixture,
+    p: Distribution,
     gq: GaussianMixture,
     eps: Tensor,
-    z: Tensor,
+    z: Optional[Tensor],
     paired: bool,
     pad: tuple[int, ...],
-    batch: torch.Size,
-    batch_p: torch.Size,
     control_variates: bool,
     stderr: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    r"""The estimator for diagonal p and q without the matched control, in the fewest operations
-    (a training step's cost at few samples is the number of operations): `(value, stderr)`.
+    """The estimator for diagonal p and q without the matched control, as one autograd node
+    (`distkl._few`) on the distributions' own parameters: `(value, stderr)`.
 
-    The regression's baseline is $-\log \sum_k v_k \exp \mathbb{E}_p[\log q_k]$ (closed
-    form per component), exact for one Gaussian q like `_baseline`'s expansion and within
-    its second-order error otherwise.
+    `z` is the caller's samples `(n, *batch_p, *event)`, or None to draw `loc + scale * eps`
+    inside the node.
     """
-    assert gp.scale_diag is not None and gq.scale_diag is not None
-    d = gp.dim
-    lq, factors = _log_q(gq, z)  # the elementwise path (`_few_diagonal_applies`)
-    assert factors is not None
-    inv, log_norm = factors
-    lq = lq.expand(lq.shape[0], *batch)
-    ent = gp.scale_diag[..., 0, :].log().sum(-1) + 0.5 * d * (1.0 + _LOG_2PI)  # H(p), (*bp)
-    n = lq.shape[0]
-    with torch.no_grad():
-        y = -lq
-        c1 = 0.5 * (d - eps.square().sum(-1))  # log p(z) + H(p): (n, *bp)
-        c1 = c1.reshape(n, *pad, *c1.shape[1:])
-        if paired:  # units: pairs (z, mirrored z)
-            h = n // 2
-            y, c1 = 0.5 * (y[:h] + y[h:]), 0.5 * (c1[:h] + c1[h:])
-        m = y.shape[0]
-        fit = control_variates and m * max(1, batch_p.numel()) - 1 >= MIN_FIT_UNITS
-        if fit:
-            mu = gp.loc[..., 0, :].reshape(*pad, *batch_p, 1, d)
-            sd = gp.scale_diag[..., 0, :].reshape(*pad, *batch_p, 1, d)
-            # log v_k + E_p[log q_k], (*batch, K)
-            expected = (
-                log_norm
-                + gq.log_weights
-                - 0.5 * (((mu - gq.loc) * inv).square() + (sd * inv).square()).sum(-1)
-            )
-            base = -torch.logsumexp(expected, -1)
-            coef = _loo_one(y - base, c1, batch_p, pad)[..., 0]
-            correction = -coef * c1  # (m, *batch)
-        else:  # the naive estimate log p(z) - log q(z) = c1 - H - log q (also with too few units)
-            correction = c1
-        offset = correction.mean(0)
-        se = _stderr(y + correction, m) if stderr else None
-    return -lq.mean(0) + offset - ent, se
+    assert gq.scale_diag is not None
+    loc, scale = diagonal_params(p)  # (*batch_p, D), no view of them in the graph
+    n, batch_p = eps.shape[0], p.batch_shape
+    m = n // 2 if paired else n
+    spec = FewSpec(
+        eps=eps,
+        pad=pad,
+        batch_p=batch_p,
+        paired=paired,
+        fit=control_variates and m * max(1, batch_p.numel()) - 1 >= MIN_FIT_UNITS,
+        stderr=stderr,
+    )
+    if z is not None:
+        z = z.reshape(n, *pad, *batch_p, -1)
+    value = few_diagonal(loc, scale, z, gq.log_weights, gq.loc, gq.scale_diag, spec)
+    return value, spec.se
 
 
 def _draws(
@@ -303,10 +307,12 @@ def _draws(
     generator: Optional[torch.Generator],
     antithetic: Optional[bool],
     gq: Optional[GaussianMixture],
-) -> tuple[Tensor, Tensor, bool]:
-    """`(eps (n, *batch_p, D) detached, z (n, *batch_p, *event), paired)`."""
+    want_z: bool = True,
+) -> tuple[Tensor, Optional[Tensor], bool]:
+    """`(eps (n, *batch_p, D) detached, z (n, *batch_p, *event), paired)`; z is None for fresh
+    draws without `want_z`."""
     bp, ev = p.batch_shape, p.event_shape
-    loc = gp.loc[..., 0, :]  # (*bp, D)
+    loc = gp.loc.squeeze(-2)  # (*bp, D)
     if samples is not None:
         if not isinstance(samples, Tensor):
             raise TypeError(f"samples must be a Tensor, got {type(samples).__name__}.")
@@ -325,7 +331,7 @@ def _draws(
             raise ValueError("samples must hold at least one sample, got an empty sample dim.")
         zd = z.detach().reshape(z.shape[0], *bp, gp.dim)
         if gp.scale_diag is not None:
-            eps = (zd - loc.detach()) / gp.scale_diag[..., 0, :].detach()
+            eps = (zd - loc.detach()) / gp.scale_diag.squeeze(-2).detach()
         else:
             tril = gp.tril()[..., 0, :, :].detach()
             diff = (zd - loc.detach()).unsqueeze(-1)
@@ -342,8 +348,10 @@ def _draws(
             assert gq is not None
             mirror = torch.where(_narrow(gp, gq).unsqueeze(-1), mirror, eps[h:])
         eps = torch.cat([eps[:h], mirror], 0)
+    if not want_z:
+        return eps, None, paired
     if gp.scale_diag is not None:
-        x = loc + gp.scale_diag[..., 0, :] * eps
+        x = torch.addcmul(loc, gp.scale_diag.squeeze(-2), eps)
     else:
         x = loc + (gp.tril()[..., 0, :, :] @ eps.unsqueeze(-1)).squeeze(-1)
     return eps, x.reshape(n, *bp, *ev), paired
@@ -506,7 +514,7 @@ def _loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) 
         return None
     k = units.shape[-1] - 1
     if k == 1:
-        return _loo_one(units[..., 0], units[..., 1], batch_p, pad)
+        return loo_one(units[..., 0], units[..., 1], batch_p, pad)
     # A NaN (or infinite) entry, e.g. from a NaN parameter in one batch element, is left out of
     # the pooled statistics (one op; the value of an entry set to 0 comes from other draws, so
     # the coefficients stay independent of the draw they are used for): it makes its own element
@@ -528,44 +536,3 @@ def _loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) 
         det = (g11 * g22 - g12 * g12).clamp_min(tiny)
         coef = torch.stack([g22 * r1 - g12 * r2, g11 * r2 - g12 * r1], -1) / det.unsqueeze(-1)
     return coef.expand(*units.shape[:-1], k)
-
-
-def _loo_one(t: Tensor, c: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) -> Tensor:
-    """`_loo_coefficients` for one control, in the fewest operations: `(m, *batch, 1)`."""
-    m = t.shape[0]
-    tc = torch.nan_to_num(t * c, nan=0.0, posinf=0.0, neginf=0.0)  # see _loo_coefficients
-    cc = torch.nan_to_num(c * c, nan=0.0, posinf=0.0, neginf=0.0)
-    if tc.shape[1:] != (*pad, *batch_p):  # draws of p shared along broadcast dimensions
-        tc, cc = tc.sum_to_size(m, *pad, *batch_p), cc.sum_to_size(m, *pad, *batch_p)
-    g = (cc.sum() - cc) * (1 + RIDGE)
-    coef = (tc.sum() - tc) / g.clamp_min(torch.finfo(g.dtype).tiny)
-    return coef.expand(t.shape).unsqueeze(-1)
-
-
-def _stderr(per_unit: Tensor, m: int) -> Tensor:
-    r"""Standard error of the mean of `m` units, NaN with one unit (no spread to measure).
-
-    The sample standard deviation over $\sqrt{m}$, scaled by $t_{m-1}(0.975) / z(0.975)$ so that
-    `value +- 1.96 * stderr` keeps its 95% coverage when there are few units (Student's t
-    interval; measured coverage without it: 67% at 2 units, 88% at 16).
-    """
-    if m < 2:
-        return torch.full_like(per_unit[0], math.nan)
-    return (per_unit.var(0) / m).sqrt() * (_t975(m - 1) / _t975(math.inf))
-
-
-def _t975(df: float) -> float:
-    """0.975 quantile of Student's t with `df` degrees of freedom (Hill 1970, Algorithm 396)."""
-    if df == math.inf:
-        return 1.959963984540054
-    if df == 1:
-        return 12.706204736174705
-    if df == 2:
-        return 4.302652729749464
-    # Cornish-Fisher expansion around the normal quantile: < 0.2% relative for df >= 3.
-    z = 1.959963984540054
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4

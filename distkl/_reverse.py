@@ -32,15 +32,16 @@ theory, methods and examples", ch. 8.4 and 8.9; the Gaussian cross-entropy: Rasm
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, MixtureSameFamily
 
 from distkl._checks import batch_shape_of
-from distkl._diagonal import diag_log_normaliser, diag_mixture_log_prob
+from distkl._diagonal import plain_mixture_log_prob
 from distkl._gaussian import (
+    GaussianMixture,
     as_gaussian_mixture,
     is_diagonal_gaussian,
     is_gaussian_family,
@@ -104,40 +105,134 @@ def kl_mixture_to_gaussian(
     gq = as_gaussian_mixture(q, role="q")
     batch = batch_shape_of(p, q)
     assert gp.scale_diag is not None
-    k, d = gp.num_components, gp.dim
+    k = gp.num_components
     r = draws_per_component(num_samples, k)
     lw, loc, sd = gp.log_weights, gp.loc, gp.scale_diag  # (*bp, K), (*bp, K, D)
     with rng_scope(generator, loc.device):
         eps = torch.randn((r, *loc.shape), dtype=loc.dtype, device=loc.device)
-    x = loc + sd * eps  # (r, *bp, K, D): draw i of component k
-    with torch.no_grad():
-        inv = sd.reciprocal()
-        log_norm = diag_log_normaliser(inv)
-    # log p at every draw (points (r, *bp, K) against the K components of their own element)
-    log_p = diag_mixture_log_prob(
-        x,
-        lw.unsqueeze(-2),
-        loc.unsqueeze(-3),
-        sd.unsqueeze(-3),
-        inv.unsqueeze(-3),
-        log_norm.unsqueeze(-2),
-    )
-    # log p_k at its own draw, pathwise: -log det(s_k) - D/2 log 2 pi - |eps|^2 / 2
-    half_ld = sd.log().sum(-1)
-    log_own = -half_ld - 0.5 * (d * _LOG_2PI + eps.square().sum(-1))
-    f = log_p - log_own  # (r, *bp, K), >= log w_k
-    w = lw.exp()
-    if gq.scale_diag is not None:
-        # sum_k w_k KL(p_k || q) = E_p[-log q] - sum_k w_k H(p_k), and E_p[-log q] for a
-        # diagonal q needs p's mean and variance per coordinate only: (*batch, D) work.
-        mean = (w.unsqueeze(-1) * loc).sum(-2)  # (*bp, D)
-        var = (w.unsqueeze(-1) * (sd.square() + (loc - mean.unsqueeze(-2)).square())).sum(-2)
-        m, s = gq.loc[..., 0, :], gq.scale_diag[..., 0, :]
-        cross_entropy = s.log() + 0.5 * (_LOG_2PI + (var + (mean - m).square()) / s.square())
-        entropies = half_ld + 0.5 * d * (1.0 + _LOG_2PI)  # (*bp, K)
-        value = cross_entropy.sum(-1) + (w * (f.mean(0) - entropies)).sum(-1)
-    else:
-        value = (w * (pairwise_kl(gp, gq)[..., 0] + f.mean(0))).sum(-1)
+    if gq.scale_diag is not None and not torch.compiler.is_compiling():
+        m, s = gq.loc.squeeze(-2), gq.scale_diag.squeeze(-2)
+        value = _MixtureToDiagonal.apply(lw, loc, sd, m, s, eps)
+    else:  # compiled (the compiler fuses the plain operations itself), or a full-covariance q
+        value = _plain(gp, gq, eps)
     if k == 1:  # one component equal to q: exactly 0
         value = torch.where(same_parameters(gp, gq), torch.zeros_like(value), value)
     return value.expand(batch)
+
+
+def _plain(gp: GaussianMixture, gq: GaussianMixture, eps: Tensor) -> Tensor:
+    """The estimate with ordinary differentiable operations, any Normal-family q."""
+    assert gp.scale_diag is not None
+    d = gp.dim
+    lw, loc, sd = gp.log_weights, gp.loc, gp.scale_diag
+    x = loc + sd * eps  # (r, *bp, K, D): draw i of component k
+    # log p at every draw (points (r, *bp, K) against the K components of their own element)
+    log_p = plain_mixture_log_prob(x, lw.unsqueeze(-2), loc.unsqueeze(-3), sd.unsqueeze(-3))
+    # log p - log p_k at p_k's own draw, less H(p_k): log p + (|eps|^2 - D) / 2
+    g = log_p.mean(0) + 0.5 * (eps.square().sum(-1).mean(0) - d)  # (*bp, K)
+    w = lw.exp()
+    if gq.scale_diag is not None:
+        m, s = gq.loc.squeeze(-2), gq.scale_diag.squeeze(-2)
+        return _cross_entropy(w, loc, sd, m, s).sum(-1) + (w * g).sum(-1)
+    entropies = sd.log().sum(-1) + 0.5 * d * (1.0 + _LOG_2PI)  # (*bp, K)
+    return (w * (pairwise_kl(gp, gq)[..., 0] + entropies + g)).sum(-1)
+
+
+def _moments(w: Tensor, loc: Tensor, sd: Tensor) -> tuple[Tensor, Tensor]:
+    """The mixture's mean and variance per coordinate, `(*bp, D)` each."""
+    mean = (w.unsqueeze(-1) * loc).sum(-2)
+    var = (w.unsqueeze(-1) * (sd.square() + (loc - mean.unsqueeze(-2)).square())).sum(-2)
+    return mean, var
+
+
+def _cross_entropy(w: Tensor, loc: Tensor, sd: Tensor, m: Tensor, s: Tensor) -> Tensor:
+    r"""$\mathbb{E}_p[-\log q]$ per coordinate `(*batch, D)` for a diagonal q: it needs only
+    p's mean and variance per coordinate, `(*batch, D)` work."""
+    mean, var = _moments(w, loc, sd)
+    return s.log() + 0.5 * (_LOG_2PI + (var + (mean - m).square()) / s.square())
+
+
+class _MixtureToDiagonal(torch.autograd.Function):
+    r"""The estimate for a diagonal q as one autograd node with the closed-form gradient.
+
+    With $g_{ik} = \log p(x_{ik}) + (\|\epsilon_{ik}\|^2 - D)/2$, the mixture's moments
+    $M = \sum_k w_k m_k$, $V = \sum_k w_k (s_k^2 + (m_k - M)^2)$ and responsibilities
+    $R_{ikj}$ of component $j$ at draw $x_{ik} = m_k + s_k \epsilon_{ik}$, the value is
+    $\sum_d [\log c_d + \frac12 \log 2\pi + \frac{V_d + (M_d - a_d)^2}{2 c_d^2}]
+    + \sum_k w_k \bar g_k$, and its partial derivatives are
+    $\partial_{a} = -(M - a) / c^2$, $\partial_{c} = 1/c - (V + (M - a)^2) / c^3$;
+    through $M, V$: $\partial_{m_k} \mathrel{+}= w_k (\partial_M + 2 \partial_V (m_k - M))$,
+    $\partial_{s_k} \mathrel{+}= 2 w_k \partial_V s_k$,
+    $\partial_{w_k} \mathrel{+}=
+    \partial_M \cdot m_k + \partial_V \cdot (s_k^2 + (m_k - M)^2) + \bar g_k$;
+    through $\log p$ at the draws: the mixture log-density's gradient (`distkl._diagonal`),
+    weighted by $w_k / r$, in its parameters and pathwise through $x_{ik}$.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, lw: Tensor, loc: Tensor, sd: Tensor, m: Tensor, s: Tensor, eps: Tensor
+    ) -> Tensor:
+        d = eps.shape[-1]
+        x = torch.addcmul(loc, sd, eps)  # (r, *bp, K, D)
+        inv = sd.reciprocal()
+        lwn = torch.sub(lw, sd.log().sum(-1)).unsqueeze(-2)  # (*bp, 1, K)
+        u = (x.unsqueeze(-2) - loc.unsqueeze(-3)) * inv.unsqueeze(-3)  # (r, *bp, K, K, D)
+        a = torch.add(lwn, u.square().sum(-1), alpha=-0.5)  # (r, *bp, K, K)
+        lse = torch.logsumexp(a, -1)  # log p(x) + D/2 log 2 pi: (r, *bp, K)
+        # g = log p(x) + (|eps|^2 - D) / 2, averaged over the draws
+        g = (lse + 0.5 * eps.square().sum(-1)).mean(0) - 0.5 * d * (1.0 + _LOG_2PI)
+        w = lw.exp()
+        mean, var = _moments(w, loc, sd)
+        dev = mean - m  # (*batch, D)
+        ic2 = s.square().reciprocal()
+        ce = s.log() + 0.5 * (_LOG_2PI + (var + dev.square()) * ic2)
+        ctx.save_for_backward(lw, loc, sd, m, s, eps, w, inv, u, a, lse, g, mean, var, dev, ic2)
+        return ce.sum(-1) + (w * g).sum(-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        lw, loc, sd, m, s, eps, w, inv, u, a, lse, g, mean, var, dev, ic2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain operations
+            return _recompute(ctx, grad, lw, loc, sd, m, s, eps)
+        r = eps.shape[0]
+        bp = lw.shape[:-1]
+        gd = grad.unsqueeze(-1)  # (*batch, 1)
+        scaled = gd * dev * ic2  # (*batch, D): -dCE/da = dCE/dM
+        g_m = scaled.sum_to_size(m.shape).neg()
+        g_s = (gd * (s.reciprocal() - (var + dev.square()) * ic2 / s)).sum_to_size(s.shape)
+        g_mean = scaled.sum_to_size(*bp, scaled.shape[-1]).unsqueeze(-2)  # (*bp, 1, D)
+        g_var = (0.5 * gd * ic2).sum_to_size(*bp, ic2.shape[-1]).unsqueeze(-2)
+        centred = loc - mean.unsqueeze(-2)  # (*bp, K, D)
+        wk = w.unsqueeze(-1)
+        g_loc = wk * (g_mean + 2.0 * g_var * centred)
+        g_sd = 2.0 * wk * g_var * sd
+        gw = (g_mean * loc + g_var * (sd.square() + centred.square())).sum(-1)  # (*bp, K)
+        big_g = grad.sum_to_size(bp)  # (*bp)
+        gw = gw + big_g.unsqueeze(-1) * g
+        # through log p at the draws: rho_ikj = G w_k / r R_ikj
+        rho = (a - lse.unsqueeze(-1)).exp_().mul_((big_g.unsqueeze(-1) * w / r).unsqueeze(-1))
+        t = rho.unsqueeze(-1) * (u * inv.unsqueeze(-3))  # (r, *bp, K, K, D)
+        s_rho = rho.sum((0, -2))  # (*bp, K): per component j
+        g_loc = g_loc + t.sum((0, -3))
+        g_sd = g_sd + (t * u).sum((0, -3)) - s_rho.unsqueeze(-1) * inv
+        g_x = t.sum(-2).neg_()  # (r, *bp, K, D)
+        g_loc = g_loc + g_x.sum(0)
+        g_sd = g_sd + (g_x * eps).sum(0)
+        g_lw = w * gw + s_rho
+        return g_lw, g_loc, g_sd, g_m, g_s, None
+
+
+def _recompute(ctx: Any, grad: Tensor, *inputs: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The gradient with a graph (`create_graph=True`), from the plain operations."""
+    lw, loc, sd, m, s, eps = inputs
+    needs = ctx.needs_input_grad[:5]
+    wanted = [t for t, need in zip(inputs[:5], needs) if need]
+    with torch.enable_grad():
+        w = lw.exp()
+        x = loc + sd * eps
+        log_p = plain_mixture_log_prob(x, lw.unsqueeze(-2), loc.unsqueeze(-3), sd.unsqueeze(-3))
+        g = log_p.mean(0) + 0.5 * (eps.square().sum(-1).mean(0) - eps.shape[-1])
+        value = _cross_entropy(w, loc, sd, m, s).sum(-1) + (w * g).sum(-1)
+        grads = iter(torch.autograd.grad(value, wanted, grad, create_graph=True))
+    return (*(next(grads) if need else None for need in needs), None)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["StreamingMoments"]
+__all__ = ["MIN_FIT_UNITS", "RIDGE", "StreamingMoments", "loo_one", "t_stderr"]
+
+#: Fewest units left for a leave-one-out fit of the coefficients (else the naive weights).
+MIN_FIT_UNITS = 16
+#: Relative ridge on the diagonal of the normal equations (bounds the coefficients of nearly
+#: collinear controls; shrinks a coefficient by about this fraction otherwise).
+RIDGE = 1e-2
 
 
 class StreamingMoments:
@@ -47,3 +54,51 @@ class StreamingMoments:
         stderr = torch.sqrt(var / self.n)
         stderr = torch.where(torch.isinf(self.mean), torch.zeros_like(stderr), stderr)
         return self.mean, stderr
+
+
+def loo_one(t: Tensor, c: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) -> Tensor:
+    """Leave-one-draw-out least-squares coefficient `(m, *batch, 1)` of target `t` on one control
+    `c` (both `(m, *batch)`), in the fewest operations.
+
+    The statistics of elements sharing one draw of p (`c` broadcast along `pad`) are summed;
+    each draw's coefficient comes from all the other draws, with a small ridge. A NaN or
+    infinite entry (a NaN parameter in one batch element) is left out of the pooled sums, so it
+    makes its own element NaN, not every element's coefficient.
+    """
+    m = t.shape[0]
+    tc = torch.nan_to_num(t * c, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite entries left out
+    cc = torch.nan_to_num(c * c, nan=0.0, posinf=0.0, neginf=0.0)
+    if tc.shape[1:] != (*pad, *batch_p):  # draws of p shared along broadcast dimensions
+        tc, cc = tc.sum_to_size(m, *pad, *batch_p), cc.sum_to_size(m, *pad, *batch_p)
+    g = (cc.sum() - cc) * (1 + RIDGE)
+    coef = (tc.sum() - tc) / g.clamp_min(torch.finfo(g.dtype).tiny)
+    return coef.expand(t.shape).unsqueeze(-1)
+
+
+def t_stderr(per_unit: Tensor, m: int) -> Tensor:
+    r"""Standard error of the mean of `m` units, NaN with one unit (no spread to measure).
+
+    The sample standard deviation over $\sqrt{m}$, scaled by $t_{m-1}(0.975) / z(0.975)$ so that
+    `value +- 1.96 * stderr` keeps its 95% coverage when there are few units (Student's t
+    interval; measured coverage without it: 67% at 2 units, 88% at 16).
+    """
+    if m < 2:
+        return torch.full_like(per_unit[0], math.nan)
+    return (per_unit.var(0) / m).sqrt() * (_t975(m - 1) / _t975(math.inf))
+
+
+def _t975(df: float) -> float:
+    """0.975 quantile of Student's t with `df` degrees of freedom (Hill 1970, Algorithm 396)."""
+    if df == math.inf:
+        return 1.959963984540054
+    if df == 1:
+        return 12.706204736174705
+    if df == 2:
+        return 4.302652729749464
+    # Cornish-Fisher expansion around the normal quantile: < 0.2% relative for df >= 3.
+    z = 1.959963984540054
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4

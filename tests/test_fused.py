@@ -1,0 +1,118 @@
+"""The training-loop estimators' fused autograd nodes against their plain operations.
+
+`distkl._few` (KL of one diagonal Normal against a diagonal mixture at few samples) and
+`distkl._reverse` (a diagonal mixture against one diagonal Normal) each compute their estimate
+as one `torch.autograd.Function` with a hand-written backward, and keep the same estimate in
+ordinary differentiable operations (`_plain`) for `torch.compile` and for backward passes that
+build a graph. The value and every gradient of the node must equal autograd's through the
+plain operations, for broadcast batch shapes, antithetic pairs, shared samples and 1-D events;
+`gradcheck` and `gradgradcheck` check the derivatives themselves (with the fitted
+coefficient off, because it is deliberately held constant: see `distkl._few`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distkl._few import FewSpec, _plain, few_diagonal
+from distkl._gaussian import GaussianMixture
+from distkl._reverse import _MixtureToDiagonal
+from distkl._reverse import _plain as reverse_plain
+
+F64 = torch.float64
+
+# (n, paired, batch of p, pad, batch of q, D, K, shared samples)
+FEW_CASES = [
+    (1, False, (128,), (), (), 16, 8, False),
+    (4, True, (7, 3), (), (3,), 2, 5, False),
+    (2, False, (5,), (1,), (2, 1), 1, 3, True),
+    (3, False, (6,), (), (1,), 4, 2, True),
+]
+
+
+def _few_inputs(n, bp, pad, bq, d, k, shared, g):
+    # with shared samples the gradient reaches p's mean only through them
+    mu = torch.randn(*bp, d, generator=g, dtype=F64, requires_grad=not shared)
+    sigma = (0.4 * torch.randn(*bp, d, generator=g, dtype=F64)).exp().requires_grad_()
+    eps = torch.randn(n, *bp, d, generator=g, dtype=F64)
+    z = None
+    if shared:
+        z = (mu.detach() + sigma.detach() * eps).reshape(n, *pad, *bp, d).requires_grad_()
+    lw = torch.randn(*bq, k, generator=g, dtype=F64).log_softmax(-1).requires_grad_()
+    loc = torch.randn(*bq, k, d, generator=g, dtype=F64, requires_grad=True)
+    scale = (0.3 * torch.randn(*bq, k, d, generator=g, dtype=F64)).exp().requires_grad_()
+    return eps, [mu, sigma, z, lw, loc, scale]
+
+
+@pytest.mark.parametrize("case", FEW_CASES, ids=lambda c: f"n{c[0]}-bp{c[2]}-bq{c[4]}-D{c[5]}")
+@pytest.mark.parametrize("fit", [True, False], ids=["fit", "naive"])
+def test_few_node_equals_its_plain_operations(case, fit):
+    n, paired, bp, pad, bq, d, k, shared = case
+    eps, args = _few_inputs(n, bp, pad, bq, d, k, shared, torch.Generator().manual_seed(n))
+    leaves = [a for a in args if a is not None and a.requires_grad]
+
+    def spec() -> FewSpec:
+        return FewSpec(eps, pad, torch.Size(bp), paired, fit, stderr=n > 1)
+
+    s_node, s_plain = spec(), spec()
+    node, plain = few_diagonal(*args, s_node), _plain(*args, s_plain)
+    torch.testing.assert_close(node, plain, rtol=1e-12, atol=1e-12)
+    if n > 1:
+        torch.testing.assert_close(s_node.se, s_plain.se, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(node.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    g_node = torch.autograd.grad(node, leaves, weights)
+    g_plain = torch.autograd.grad(plain, leaves, weights)
+    for a, b in zip(g_node, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", FEW_CASES[1:], ids=lambda c: f"n{c[0]}-bp{c[2]}-D{c[5]}")
+def test_few_node_gradcheck_and_gradgradcheck(case):
+    n, paired, bp, pad, bq, d, k, shared = case
+    eps, args = _few_inputs(n, bp, pad, bq, d, k, shared, torch.Generator().manual_seed(7))
+    spots = [i for i, a in enumerate(args) if a is not None and a.requires_grad]
+
+    def f(*leaves):
+        full = list(args)
+        for i, leaf in zip(spots, leaves):
+            full[i] = leaf
+        return few_diagonal(*full, FewSpec(eps, pad, torch.Size(bp), paired, False, False))
+
+    leaves = tuple(args[i] for i in spots)
+    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradgradcheck(f, leaves)
+
+
+# (batch of p, batch of q, K, D, draws per component)
+REVERSE_CASES = [((), (7,), 3, 2, 2), ((4,), (4,), 2, 3, 3), ((2, 1), (1, 3), 4, 1, 2)]
+
+
+def _reverse_inputs(bp, bq, k, d, r, g):
+    lw = torch.randn(*bp, k, generator=g, dtype=F64).log_softmax(-1).requires_grad_()
+    loc = torch.randn(*bp, k, d, generator=g, dtype=F64, requires_grad=True)
+    sd = (0.3 * torch.randn(*bp, k, d, generator=g, dtype=F64)).exp().requires_grad_()
+    m = torch.randn(*bq, d, generator=g, dtype=F64, requires_grad=True)
+    s = (0.3 * torch.randn(*bq, d, generator=g, dtype=F64)).exp().requires_grad_()
+    return (lw, loc, sd, m, s), torch.randn(r, *bp, k, d, generator=g, dtype=F64)
+
+
+@pytest.mark.parametrize("case", REVERSE_CASES, ids=lambda c: f"bp{c[0]}-bq{c[1]}-D{c[3]}")
+def test_reverse_node_equals_its_plain_operations(case):
+    bp, bq, k, d, r = case
+    args, eps = _reverse_inputs(bp, bq, k, d, r, torch.Generator().manual_seed(3))
+    lw, loc, sd, m, s = args
+    gp = GaussianMixture(lw, loc, sd, None, torch.Size([d]))
+    gq = GaussianMixture(
+        torch.zeros(*bq, 1, dtype=F64), m.unsqueeze(-2), s.unsqueeze(-2), None, torch.Size([d])
+    )
+    node, plain = _MixtureToDiagonal.apply(*args, eps), reverse_plain(gp, gq, eps)
+    torch.testing.assert_close(node, plain, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(node.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    for a, b in zip(
+        torch.autograd.grad(node, args, weights), torch.autograd.grad(plain, args, weights)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    f = lambda *leaves: _MixtureToDiagonal.apply(*leaves, eps)  # noqa: E731
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
