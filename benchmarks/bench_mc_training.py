@@ -166,6 +166,7 @@ def main() -> None:
     print(f"torch={torch.__version__}; batch 128; ms per fwd+bwd step (median); ratios vs naive")
     print(HEADER)
     ratios: list[float] = []
+    shared_ratios: list[float] = []
     variance_cache: dict[tuple, list[float]] = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -191,6 +192,8 @@ def main() -> None:
                         row = row[:3] + variance_cache[key]
                         if row[1] == row[1]:  # not NaN
                             ratios.append(row[1])
+                        if row[2] == row[2]:
+                            shared_ratios.append(row[2])
                         name = "prior||post" if reverse else "post||prior"
                         print(
                             f"{name:<11}{threads:>4}{d:>4}{k:>4}{n:>4}"
@@ -203,6 +206,10 @@ def main() -> None:
     print(
         f"rule/naive time: median {statistics.median(ratios):.2f}, max {max(ratios):.2f} "
         f"over {len(ratios)} cells"
+    )
+    print(
+        f"shared/naive time: median {statistics.median(shared_ratios):.2f}, "
+        f"max {max(shared_ratios):.2f} over {len(shared_ratios)} cells"
     )
     torch.set_num_threads(1)
     print("\ntrained-VAE regime: posterior scales 0.1, prior components scale 1, D=16, K=8")

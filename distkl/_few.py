@@ -233,7 +233,8 @@ class _FewDiagonal(torch.autograd.Function):
         n = spec.eps.shape[0]
         u = u[:n]
         # responsibilities r_k times the incoming gradient over n: (n, *batch, K)
-        rw = (a[:n] - lse[:n].unsqueeze(-1)).exp_().mul_((grad / n).unsqueeze(-1))
+        g_n = grad if n == 1 else grad / n
+        rw = (a[:n] - lse[:n].unsqueeze(-1)).exp_().mul_(g_n.unsqueeze(-1))
         g_mu = g_sigma = g_z = g_w = g_loc = g_scale = None
         pathwise = need_z or (z is None and (need_mu or need_sigma))
         t = None

@@ -214,7 +214,8 @@ class options:
         # force before that call. Later blocks begin at their ``__enter__``.
         previous = now if self._pending_previous is None else self._pending_previous
         self._pending_previous = None
-        self.current = dataclasses.replace(now, **self._changes)
+        if now is not self.current:  # (right after the call `now` already is the result)
+            self.current = dataclasses.replace(now, **self._changes)
         _CURRENT.set(self.current)
         entry = _Entry(previous, self._changes)
         self._entries.append(entry)

@@ -62,12 +62,13 @@ def loo_one(t: Tensor, c: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) -> 
 
     The statistics of elements sharing one draw of p (`c` broadcast along `pad`) are summed;
     each draw's coefficient comes from all the other draws, with a small ridge. A NaN or
-    infinite entry (a NaN parameter in one batch element) is left out of the pooled sums, so it
-    makes its own element NaN, not every element's coefficient.
+    infinite target (a NaN parameter in one batch element) is left out of the pooled sums, so
+    it makes its own element NaN, not every element's coefficient. `c` must be finite (the
+    controls are functions of the standard noise).
     """
     m = t.shape[0]
     tc = torch.nan_to_num(t * c, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite entries left out
-    cc = torch.nan_to_num(c * c, nan=0.0, posinf=0.0, neginf=0.0)
+    cc = c * c
     if tc.shape[1:] != (*pad, *batch_p):  # draws of p shared along broadcast dimensions
         tc, cc = tc.sum_to_size(m, *pad, *batch_p), cc.sum_to_size(m, *pad, *batch_p)
     g = (cc.sum() - cc) * (1 + RIDGE)
