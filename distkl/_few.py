@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from distkl._diagonal import plain_mixture_log_prob
-from distkl._stats import loo_one, t_stderr
+from distkl._stats import loo_coefficients, loo_one, t_stderr
 
 __all__ = ["FewSpec", "few_diagonal"]
 
@@ -74,8 +74,9 @@ class FewSpec:
         pad: leading ones that align p's batch with the output batch.
         batch_p: p's batch shape.
         paired: units are antithetic pairs (sample `i` and `i + n / 2`).
-        fit: fit the coefficient (else the naive weight, `gamma = -1`).
+        fit: fit the coefficients (else the naive weight, `gamma = -1`).
         stderr: compute the standard error (set on `se` by the call).
+        matched: add the matched-component control $c_2$ (with `fit`).
     """
 
     eps: Tensor
@@ -84,6 +85,7 @@ class FewSpec:
     paired: bool
     fit: bool
     stderr: bool
+    matched: bool = False
     se: Optional[Tensor] = field(default=None, init=False)
 
 
@@ -125,26 +127,68 @@ def _entropy(sigma: Tensor, spec: FewSpec, log_2pi: float = _LOG_2PI) -> Tensor:
     return ent.reshape((*spec.pad, *ent.shape))
 
 
-def _offset(t: Tensor, lq: Tensor, spec: FewSpec) -> Tensor:
-    r"""$-\frac1m \sum_u \gamma_u c_{1u}$ `(*batch)` (the naive weight without `spec.fit`),
-    from the target `t` (`-log q(z)` less the baseline; `lq` when not fitting), without
-    gradient; sets `spec.se` when asked."""
+def _offset(
+    t: Tensor, lq: Tensor, spec: FewSpec, c2: Optional[Tensor] = None
+) -> tuple[Tensor, Optional[Tensor]]:
+    r"""`(offset, gamma_2)`: $-\frac1m \sum_u (\gamma_{1u} c_{1u} + \gamma_{2u} c_{2u})$ `(*batch)`
+    (the naive weight without `spec.fit`) and the coefficient of $c_2$ per sample `(n, *batch)`
+    (None without `c2`), from the target `t` (`-log q(z)` less the baseline; `lq` when not
+    fitting), without gradient; sets `spec.se` when asked."""
     eps = spec.eps
     n, d = eps.shape[0], eps.shape[-1]
+    gamma2 = None
     with torch.no_grad():
         c1 = torch.rsub(eps.square().sum(-1), 0.5 * d, alpha=0.5)  # log p(z) + H(p)
         c1 = c1.reshape(n, *spec.pad, *c1.shape[1:])
         if spec.paired:  # units: pairs (z, mirrored z)
-            h = n // 2
-            t, c1 = 0.5 * (t[:h] + t[h:]), 0.5 * (c1[:h] + c1[h:])
-        if spec.fit:
+            t, c1 = _pairs(t), _pairs(c1)
+            c2 = None if c2 is None else _pairs(c2)
+        if spec.fit and c2 is not None:
+            units = torch.stack([t, c1.expand_as(t), c2.detach()], -1)
+            coef = loo_coefficients(units, spec.batch_p, spec.pad)
+            assert coef is not None  # spec.fit: enough units
+            correction = coef[..., 0].mul(c1).add_(coef[..., 1] * c2).neg_()
+            gamma2 = coef[..., 1]
+            gamma2 = torch.cat([gamma2, gamma2]) if spec.paired else gamma2
+        elif spec.fit:
             correction = torch.mul(loo_one(t, c1, spec.batch_p, spec.pad)[..., 0], c1).neg_()
         else:  # the naive estimate log p(z) - log q(z) = c1 - H - log q
             correction = c1
         if spec.stderr:
-            y = -lq if not spec.paired else -0.5 * (lq[: n // 2] + lq[n // 2 :])
+            y = -lq if not spec.paired else -_pairs(lq)
             spec.se = t_stderr(y + correction, t.shape[0])
-        return _mean0(correction)
+        return _mean0(correction), gamma2
+
+
+def _pairs(x: Tensor) -> Tensor:
+    """Averages of antithetic pairs: rows `i` and `i + n / 2`."""
+    h = x.shape[0] // 2
+    return 0.5 * (x[:h] + x[h:])
+
+
+def _matched_control(
+    z: Tensor, mu: Tensor, sigma: Tensor, loc: Tensor, inv: Tensor, expected: Tensor, spec: FewSpec
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""`(c2 (n, *batch), z - m_j, mu - m_j, a_j)` for the component $j$ maximising
+    `expected` ($\log v_k + \mathbb{E}_p[\log q_k]$, `(*batch, K)`), $a_j = 1 / s_j^2$:
+
+    $c_2 = \log q_j(z) - \mathbb{E}_p[\log q_j]
+    = -\tfrac12 \sum_d [(z_d - m_{jd})^2 - (\mu_d - m_{jd})^2 - \sigma_d^2]\, a_{jd}$,
+
+    differentiable in `z`, `mu` and `sigma`; q's parameters enter detached (a gradient into
+    them would add noise there: measured up to 2x at D = 2)."""
+    with torch.no_grad():
+        j = expected.argmax(-1, keepdim=True).unsqueeze(-1)  # (*batch, 1, 1)
+        k, d = loc.shape[-2:]
+        batch = j.shape[:-2]
+        m = loc.expand(*batch, k, d).gather(-2, j.expand(*batch, 1, d)).squeeze(-2)
+        a = inv.expand(*batch, k, d).gather(-2, j.expand(*batch, 1, d)).squeeze(-2).square()
+    mu = mu.reshape(*spec.pad, *mu.shape)
+    sigma = sigma.reshape(mu.shape)
+    dz, dmu = z - m, mu - m  # (n, *batch, D), (*batch, D)
+    ones = torch.ones(d, dtype=a.dtype, device=a.device)
+    c2 = ((dmu.square() + sigma.square()).sub(dz.square()) * a) @ ones * 0.5
+    return c2, dz, dmu, a
 
 
 def _mean0(x: Tensor) -> Tensor:
@@ -165,20 +209,27 @@ def _plain(
     if z is None:
         z = _samples(mu, sigma, spec)
     lq = plain_mixture_log_prob(z, log_weights, loc, scale)  # (n, *batch)
-    t = lq
-    if spec.fit:
-        with torch.no_grad():
-            mu = mu.reshape(*spec.pad, *mu.shape).unsqueeze(-2)
-            var_p = sigma.reshape(mu.shape).square()
-            inv = scale.reciprocal()
-            # log v_k + E_p[log q_k], (*batch, K)
-            expected = (
-                log_weights
-                - scale.log().sum(-1)
-                - 0.5 * (((mu - loc) * inv).square() + var_p * inv.square()).sum(-1)
-            )
-            t = torch.logsumexp(expected, -1) - 0.5 * scale.shape[-1] * _LOG_2PI - lq
-    return _offset(t, lq, spec) - lq.mean(0) - _entropy(sigma, spec)
+    value = -lq.mean(0) - _entropy(sigma, spec)
+    if not spec.fit:
+        return value + _offset(lq, lq, spec)[0]
+    with torch.no_grad():
+        mu_b = mu.reshape(*spec.pad, *mu.shape).unsqueeze(-2)
+        var_p = sigma.reshape(mu_b.shape).square()
+        inv = scale.reciprocal()
+        # log v_k + E_p[log q_k] (less D/2 log 2 pi), (*batch, K)
+        expected = (
+            log_weights
+            - scale.log().sum(-1)
+            - 0.5 * (((mu_b - loc) * inv).square() + var_p * inv.square()).sum(-1)
+        )
+        t = torch.logsumexp(expected, -1) - 0.5 * scale.shape[-1] * _LOG_2PI - lq
+    if not spec.matched:
+        return value + _offset(t, lq, spec)[0]
+    c2 = _matched_control(z, mu, sigma, loc.detach(), inv, expected, spec)[0]
+    offset, gamma2 = _offset(t, lq, spec, c2)
+    assert gamma2 is not None
+    g2 = (gamma2 * c2).mean(0).neg()  # carries c2's gradient; its value is in the offset
+    return value + (offset - g2.detach()) + g2
 
 
 class _FewDiagonal(torch.autograd.Function):
@@ -208,29 +259,39 @@ class _FewDiagonal(torch.autograd.Function):
             a[n].sub_(torch.matmul(var_p, inv.square().mT).squeeze(-2), alpha=0.5)
         lse = torch.logsumexp(a, -1)  # log v q + D/2 log 2 pi: (n [+ 1], *batch)
         lq = lse[:n]
-        # the target -log q(z) - baseline; the constants D/2 log 2 pi cancel
-        offset = _offset(lse[n] - lq if spec.fit else lq, lq, spec)
-        ctx.save_for_backward(mu, sigma, z, log_weights, loc, scale, inv, u, a, lse)
+        matched: tuple[Optional[Tensor], ...] = (None, None, None, None)
+        if spec.fit and spec.matched:  # a[n]: log v_k + E_p[log q_k], the match's score
+            c2, dz, dmu, a_j = _matched_control(zz, mu, sigma, loc, inv, a[n], spec)
+            # the target -log q(z) - baseline; the constants D/2 log 2 pi cancel
+            offset, gamma2 = _offset(lse[n] - lq, lq, spec, c2)
+            matched = (gamma2, dz, dmu, a_j)
+        else:
+            offset = _offset(lse[n] - lq if spec.fit else lq, lq, spec)[0]
+        ctx.save_for_backward(mu, sigma, z, log_weights, loc, scale, inv, u, a, lse, *matched)
         ctx.spec = spec
         # -log q = -(lse - D/2 log 2 pi); -H(p) = -sum log sigma - D/2 (1 + log 2 pi)
         return (offset - _mean0(lq)).sub_(_entropy(sigma, spec, 0.0))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        mu, sigma, z, log_weights, loc, scale, inv, u, a, lse = ctx.saved_tensors
+        mu, sigma, z, log_weights, loc, scale, inv, u, a, lse, *matched = ctx.saved_tensors
+        gamma2, dz, dmu, a_j = matched
         spec: FewSpec = ctx.spec
         inputs = (mu, sigma, z, log_weights, loc, scale)
         needs = ctx.needs_input_grad[:6]
+        n = spec.eps.shape[0]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain operations
             wanted = [t for t, need in zip(inputs, needs) if need]
             with torch.enable_grad():
                 zz = _samples(mu, sigma, spec) if z is None else z
                 lq = plain_mixture_log_prob(zz, log_weights, loc, scale)
                 value = -lq.mean(0) - _entropy(sigma, spec)
+                if gamma2 is not None:
+                    c2 = _matched_control(zz, mu, sigma, loc.detach(), inv, a[n], spec)[0]
+                    value = value - (gamma2 * c2).mean(0)
                 grads = iter(torch.autograd.grad(value, wanted, grad, create_graph=True))
             return (*(next(grads) if need else None for need in needs), None)
         need_mu, need_sigma, need_z, need_w, need_loc, need_scale = needs
-        n = spec.eps.shape[0]
         u = u[:n]
         # responsibilities r_k times the incoming gradient over n: (n, *batch, K)
         g_n = grad if n == 1 else grad / n
@@ -240,9 +301,12 @@ class _FewDiagonal(torch.autograd.Function):
         t = None
         if pathwise or need_loc or need_scale:
             t = rw.unsqueeze(-1) * (u * inv)  # r_k u_k / s_k
+        w2 = None if gamma2 is None else g_n * gamma2  # -gamma_2 c_2 / n per sample
         if pathwise:  # d(-log q)/dz = sum_k r_k u_k / s_k, (n, *pad, *batch_p, D)
             assert t is not None
-            g_zz = t.sum(-2).sum_to_size(u.shape[:-2] + u.shape[-1:])
+            g_zz = t.sum(-2)
+            if w2 is not None:  # d(-gamma_2 c_2)/dz = gamma_2 (z - m_j) a_j
+                g_zz = g_zz.add_(w2.unsqueeze(-1) * dz * a_j)
             g_zz = g_zz.sum_to_size(n, *spec.pad, *spec.batch_p, u.shape[-1])
             if z is not None:
                 g_z = g_zz
@@ -251,6 +315,15 @@ class _FewDiagonal(torch.autograd.Function):
                 if need_sigma:
                     eps = spec.eps.reshape(g_zz.shape)
                     g_sigma = (g_zz * eps).sum_to_size(sigma.shape)
+        if w2 is not None and (need_mu or need_sigma):  # c_2's own terms in mu and sigma
+            s2 = w2.sum(0).unsqueeze(-1).neg_()  # (*batch, 1)
+            if need_mu:
+                d_mu = (s2 * dmu * a_j).sum_to_size(*spec.pad, *mu.shape).reshape(mu.shape)
+                g_mu = d_mu if g_mu is None else g_mu.add_(d_mu)
+            if need_sigma:
+                s_b = sigma.reshape(*spec.pad, *sigma.shape)
+                d_sd = (s2 * s_b * a_j).sum_to_size(s_b.shape).reshape(sigma.shape)
+                g_sigma = d_sd if g_sigma is None else g_sigma.add_(d_sd)
         if need_loc:
             assert t is not None
             g_loc = t.sum_to_size(loc.shape).neg_()

@@ -73,7 +73,7 @@ from distkl._gaussian import (
     same_parameters,
 )
 from distkl._rng import rng_scope
-from distkl._stats import MIN_FIT_UNITS, RIDGE, loo_one, t_stderr
+from distkl._stats import MIN_FIT_UNITS, loo_coefficients, t_stderr
 from distkl.density import gaussian_scorer
 
 __all__ = ["pathwise_applies", "kl_pathwise", "PathwiseResult", "MIN_FIT_UNITS"]
@@ -181,7 +181,7 @@ def kl_pathwise(
     gp = as_gaussian_mixture(p, role="p")
     gq = as_gaussian_mixture(q, role="q") if is_gaussian_family(q) else None
     pad = (1,) * (len(batch) - len(p.batch_shape))
-    few = _few_diagonal_applies(gp, gq, samples, num_samples, control_variates, batch)
+    few = _few_diagonal_applies(gp, gq, samples, num_samples, batch)
     eps, z, paired = _draws(p, gp, num_samples, samples, generator, antithetic, gq, not few)
     n = eps.shape[0]
     if few:
@@ -201,7 +201,7 @@ def kl_pathwise(
         c2 = None if c2 is None else 0.5 * (c2[:h] + c2[h:])
     controls = [c1] if c2 is None else [c1, c2]
     units = torch.stack([y.detach() - base.detach(), *[c.detach() for c in controls]], -1)
-    coef = _loo_coefficients(units, p.batch_shape, pad) if control_variates else None
+    coef = loo_coefficients(units, p.batch_shape, pad) if control_variates else None
     if coef is None:  # the naive estimate: log p(z) - log q(z) = c1 - H - log q
         per_unit = y + c1
     else:
@@ -242,11 +242,9 @@ def _few_diagonal_applies(
     gq: Optional[GaussianMixture],
     samples: Optional[Tensor],
     num_samples: Optional[int],
-    control_variates: bool,
     batch: torch.Size,
 ) -> bool:
-    """Diagonal p and q, small enough to score elementwise, and no matched control
-    (`_few_diagonal`)."""
+    """Diagonal p and q, small enough to score elementwise (`_few_diagonal`)."""
     if gq is None or gp.scale_diag is None or gq.scale_diag is None:
         return False
     if samples is not None:
@@ -255,9 +253,8 @@ def _few_diagonal_applies(
         n = samples.shape[0] if samples.dim() > len(gp.batch_shape) + len(gp.event_shape) else 1
     else:
         n = 1 if num_samples is None else num_samples
-    matched = _matched(control_variates, n, gp.dim)
     work = n * max(1, batch.numel()) * gp.dim * gq.num_components
-    return not matched and work <= ELEMENTWISE_LIMIT
+    return work <= ELEMENTWISE_LIMIT
 
 
 def _elementwise(gq: GaussianMixture, z: Tensor) -> bool:
@@ -292,6 +289,7 @@ def _few_diagonal(
         paired=paired,
         fit=control_variates and m * max(1, batch_p.numel()) - 1 >= MIN_FIT_UNITS,
         stderr=stderr,
+        matched=_matched(control_variates, n, loc.shape[-1]),
     )
     if z is not None:
         z = z.reshape(n, *pad, *batch_p, -1)
@@ -499,40 +497,3 @@ def _component_log_prob(
         xs = x.unsqueeze(-1) if len(gq.event_shape) == 0 else x
         return log_norm - 0.5 * ((xs.unsqueeze(-2) - gq.loc) * inv).square().sum(-1)
     return gaussian_scorer(gq, precise=True).component_log_prob(x)
-
-
-def _loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) -> Optional[Tensor]:
-    r"""Leave-one-draw-out least-squares coefficients `(m, *batch, k)` of target on controls.
-
-    `units` is `(m, *batch, 1 + k)`, `k` 1 or 2: the centred target, then the controls.
-    The statistics of output elements sharing one draw of p are summed (they are not
-    independent); each draw's coefficients come from all the other draws (a 1x1 or 2x2 normal
-    equation, solved in closed form with a small ridge). None when too few draws are left.
-    """
-    m = units.shape[0]
-    if m * max(1, batch_p.numel()) - 1 < MIN_FIT_UNITS:
-        return None
-    k = units.shape[-1] - 1
-    if k == 1:
-        return loo_one(units[..., 0], units[..., 1], batch_p, pad)
-    # A NaN (or infinite) entry, e.g. from a NaN parameter in one batch element, is left out of
-    # the pooled statistics (one op; the value of an entry set to 0 comes from other draws, so
-    # the coefficients stay independent of the draw they are used for): it makes its own element
-    # NaN, not every element's coefficients.
-    units = torch.nan_to_num(units, nan=0.0, posinf=0.0, neginf=0.0)
-    outer = (units.unsqueeze(-1) * units[..., 1:].unsqueeze(-2)).sum_to_size(
-        m, *pad, *batch_p, k + 1, k
-    )  # (m, *pad, *bp, 1 + k, k): rows t, c_1[, c_2] times columns c_1[, c_2]
-    loo = outer.sum(tuple(range(outer.dim() - 2))) - outer
-    tiny = torch.finfo(units.dtype).tiny
-    g11, r1 = loo[..., 1, 0] * (1 + RIDGE), loo[..., 0, 0]
-    if k == 1:
-        coef = (r1 / g11.clamp_min(tiny)).unsqueeze(-1)
-    else:
-        # The ridge keeps the determinant >= (2 RIDGE) g11 g22 > 0: nearly collinear controls
-        # (the quadratic part of c_2 is c_1 when p is narrow) share a bounded coefficient
-        # instead of opposite huge ones, which would blow up c_2's gradient.
-        g12, g22, r2 = loo[..., 1, 1], loo[..., 2, 1] * (1 + RIDGE), loo[..., 0, 1]
-        det = (g11 * g22 - g12 * g12).clamp_min(tiny)
-        coef = torch.stack([g22 * r1 - g12 * r2, g11 * r2 - g12 * r1], -1) / det.unsqueeze(-1)
-    return coef.expand(*units.shape[:-1], k)

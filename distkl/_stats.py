@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_FIT_UNITS", "RIDGE", "StreamingMoments", "loo_one", "t_stderr"]
+__all__ = ["MIN_FIT_UNITS", "RIDGE", "StreamingMoments", "loo_coefficients", "loo_one", "t_stderr"]
 
 #: Fewest units left for a leave-one-out fit of the coefficients (else the naive weights).
 MIN_FIT_UNITS = 16
@@ -54,6 +54,43 @@ class StreamingMoments:
         stderr = torch.sqrt(var / self.n)
         stderr = torch.where(torch.isinf(self.mean), torch.zeros_like(stderr), stderr)
         return self.mean, stderr
+
+
+def loo_coefficients(units: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) -> Optional[Tensor]:
+    r"""Leave-one-draw-out least-squares coefficients `(m, *batch, k)` of target on controls.
+
+    `units` is `(m, *batch, 1 + k)`, `k` 1 or 2: the centred target, then the controls.
+    The statistics of output elements sharing one draw of p are summed (they are not
+    independent); each draw's coefficients come from all the other draws (a 1x1 or 2x2 normal
+    equation, solved in closed form with a small ridge). None when too few draws are left.
+    """
+    m = units.shape[0]
+    if m * max(1, batch_p.numel()) - 1 < MIN_FIT_UNITS:
+        return None
+    k = units.shape[-1] - 1
+    if k == 1:
+        return loo_one(units[..., 0], units[..., 1], batch_p, pad)
+    # A NaN (or infinite) entry, e.g. from a NaN parameter in one batch element, is left out of
+    # the pooled statistics (one op; the value of an entry set to 0 comes from other draws, so
+    # the coefficients stay independent of the draw they are used for): it makes its own element
+    # NaN, not every element's coefficients.
+    units = torch.nan_to_num(units, nan=0.0, posinf=0.0, neginf=0.0)
+    outer = (units.unsqueeze(-1) * units[..., 1:].unsqueeze(-2)).sum_to_size(
+        m, *pad, *batch_p, k + 1, k
+    )  # (m, *pad, *bp, 1 + k, k): rows t, c_1[, c_2] times columns c_1[, c_2]
+    loo = outer.sum(tuple(range(outer.dim() - 2))) - outer
+    tiny = torch.finfo(units.dtype).tiny
+    g11, r1 = loo[..., 1, 0] * (1 + RIDGE), loo[..., 0, 0]
+    if k == 1:
+        coef = (r1 / g11.clamp_min(tiny)).unsqueeze(-1)
+    else:
+        # The ridge keeps the determinant >= (2 RIDGE) g11 g22 > 0: nearly collinear controls
+        # (the quadratic part of c_2 is c_1 when p is narrow) share a bounded coefficient
+        # instead of opposite huge ones, which would blow up c_2's gradient.
+        g12, g22, r2 = loo[..., 1, 1], loo[..., 2, 1] * (1 + RIDGE), loo[..., 0, 1]
+        det = (g11 * g22 - g12 * g12).clamp_min(tiny)
+        coef = torch.stack([g22 * r1 - g12 * r2, g11 * r2 - g12 * r1], -1) / det.unsqueeze(-1)
+    return coef.expand(*units.shape[:-1], k)
 
 
 def loo_one(t: Tensor, c: Tensor, batch_p: torch.Size, pad: tuple[int, ...]) -> Tensor:

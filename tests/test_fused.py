@@ -12,6 +12,8 @@ coefficient off, because it is deliberately held constant: see `distkl._few`).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ from distkl._few import FewSpec, _plain, few_diagonal
 from distkl._gaussian import GaussianMixture
 from distkl._reverse import _MixtureToDiagonal
 from distkl._reverse import _plain as reverse_plain
+from distkl._stats import MIN_FIT_UNITS
 
 F64 = torch.float64
 
@@ -28,6 +31,8 @@ FEW_CASES = [
     (4, True, (7, 3), (), (3,), 2, 5, False),
     (2, False, (5,), (1,), (2, 1), 1, 3, True),
     (3, False, (6,), (), (1,), 4, 2, True),
+    (8, True, (5,), (), (), 3, 4, False),
+    (12, False, (3,), (1,), (2, 1), 2, 3, True),
 ]
 
 
@@ -46,14 +51,21 @@ def _few_inputs(n, bp, pad, bq, d, k, shared, g):
 
 
 @pytest.mark.parametrize("case", FEW_CASES, ids=lambda c: f"n{c[0]}-bp{c[2]}-bq{c[4]}-D{c[5]}")
-@pytest.mark.parametrize("fit", [True, False], ids=["fit", "naive"])
+@pytest.mark.parametrize("fit", ["matched", "fit", "naive"])
 def test_few_node_equals_its_plain_operations(case, fit):
+    """Values, standard errors and every gradient; with the matched control c_2 its pathwise
+    gradient (zero-mean, in p's parameters and the samples) is part of both."""
     n, paired, bp, pad, bq, d, k, shared = case
+    matched = fit == "matched"
     eps, args = _few_inputs(n, bp, pad, bq, d, k, shared, torch.Generator().manual_seed(n))
+    units = (n // 2 if paired else n) * math.prod(bp)
+    fitted = fit != "naive" and units - 1 >= MIN_FIT_UNITS  # as distkl._pathwise decides
+    if matched and fitted and shared:  # c_2's gradient reaches p's mean directly too
+        args[0].requires_grad_()
     leaves = [a for a in args if a is not None and a.requires_grad]
 
     def spec() -> FewSpec:
-        return FewSpec(eps, pad, torch.Size(bp), paired, fit, stderr=n > 1)
+        return FewSpec(eps, pad, torch.Size(bp), paired, fitted, n > 1, matched)
 
     s_node, s_plain = spec(), spec()
     node, plain = few_diagonal(*args, s_node), _plain(*args, s_plain)
