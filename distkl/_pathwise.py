@@ -19,17 +19,17 @@ and two zero-mean control variates for each sample unit $u$:
   pathwise gradient with zero mean, so it is also a control variate for the gradient (with
   respect to both $p$'s and $q$'s parameters): it removes the part of $\nabla \log q(z)$ that
   the dominant component explains. It is used from `MATCHED_MIN_SAMPLES` (8) samples per pair
-  and `MATCHED_MIN_DIM` (8) event dimensions: below either, its fixed cost (about fifteen
-  operations, a third of a small training step) is not repaid (at D = 2 and n = 16 the step
-  took 1.5 times the naive snippet's time with it). Measured
-  (`benchmarks/bench_mc_training.py`): without it the value's and the posterior gradient's
-  variance at n = 1 and 4 are the naive snippet's (ratios 0.94-1.05 on the generic grid,
-  against 1.6-1.9 with it), and in the trained regime still 45x (value, n = 1) and 27x
-  (gradient, n = 2) below it.
+  and `MATCHED_MIN_DIM` (4) event dimensions: below either, its fixed cost (about twenty
+  operations) is not repaid. Measured (`benchmarks/bench_mc_training.py`, batch 128): at D = 2
+  and n = 8-16 it cut the value's and the posterior gradient's variance 1.6-2.6x but made the
+  step 1.1-1.3x the naive snippet's time (0.9-1.0x without it); at n = 1 and 4 without it
+  those variances are the naive snippet's (ratios 0.9-1.3 on the generic grid), and in the
+  trained regime still 49x (value, n = 1) and 28x (gradient, n = 2) below it.
 
-Diagonal p and q without it take `_few_diagonal`: the same estimator with $c_1$ only, as one
-autograd node with a hand-written backward (`distkl._few`), centred on
-$-\log \sum_k v_k \exp \mathbb{E}_p[\log q_k]$.
+Diagonal p and q take `_few_diagonal`: the same estimator as one autograd node with a
+hand-written backward (`distkl._few`), centred on $-\log \sum_k v_k \exp \mathbb{E}_p[\log q_k]$,
+scoring q elementwise at a training step's sizes and by matrix products beyond them (one q for
+the batch). Other pairs take the general path below.
 
 The coefficients are fitted by least squares on the units of the whole call (across the batch,
 so one sample per pair is enough) and **cross-fitted**: unit $u$'s coefficients come from all the
@@ -90,7 +90,7 @@ _LOG_2PI = math.log(2 * math.pi)
 #: Fewest samples per pair for the matched control c_2 (below: c_1 only; see the module docstring).
 MATCHED_MIN_SAMPLES = 8
 #: Fewest event dimensions for the matched control c_2 (below: c_1 only; see the module docstring).
-MATCHED_MIN_DIM = 8
+MATCHED_MIN_DIM = 4
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def kl_pathwise(
     n = eps.shape[0]
     if few:
         assert gq is not None
-        value, se = _few_diagonal(p, gq, eps, z, paired, pad, control_variates, stderr)
+        value, se = _few_diagonal(p, gp, gq, eps, z, paired, pad, batch, control_variates, stderr)
         return _finish(gp, gq, value, se, n)
     assert z is not None
     z_b = z.reshape(n, *pad, *z.shape[1:])
@@ -253,8 +253,21 @@ def _few_diagonal_applies(
         n = samples.shape[0] if samples.dim() > len(gp.batch_shape) + len(gp.event_shape) else 1
     else:
         n = 1 if num_samples is None else num_samples
-    work = n * max(1, batch.numel()) * gp.dim * gq.num_components
-    return work <= ELEMENTWISE_LIMIT
+    return _scoring(gp, gq, n, batch) is not None
+
+
+def _scoring(
+    gp: GaussianMixture, gq: GaussianMixture, n: int, batch: torch.Size
+) -> Optional[str]:
+    """How `_few_diagonal` scores q: "elementwise" (small), "gemm" (one q for the batch, up to
+    `MAX_WORK`), or None (neither: the general path)."""
+    pairs = max(1, batch.numel())
+    if n * pairs * gp.dim * gq.num_components <= ELEMENTWISE_LIMIT:
+        return "elementwise"
+    one_q = gq.log_weights.numel() == gq.num_components
+    if one_q and n * pairs * (gq.num_components + gp.dim) <= MAX_WORK:
+        return "gemm"
+    return None
 
 
 def _elementwise(gq: GaussianMixture, z: Tensor) -> bool:
@@ -264,16 +277,18 @@ def _elementwise(gq: GaussianMixture, z: Tensor) -> bool:
 
 def _few_diagonal(
     p: Distribution,
+    gp: GaussianMixture,
     gq: GaussianMixture,
     eps: Tensor,
     z: Optional[Tensor],
     paired: bool,
     pad: tuple[int, ...],
+    batch: torch.Size,
     control_variates: bool,
     stderr: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """The estimator for diagonal p and q without the matched control, as one autograd node
-    (`distkl._few`) on the distributions' own parameters: `(value, stderr)`.
+    """The estimator for diagonal p and q as one autograd node (`distkl._few`) on the
+    distributions' own parameters: `(value, stderr)`.
 
     `z` is the caller's samples `(n, *batch_p, *event)`, or None to draw `loc + scale * eps`
     inside the node.
@@ -282,6 +297,7 @@ def _few_diagonal(
     loc, scale = diagonal_params(p)  # (*batch_p, D), no view of them in the graph
     n, batch_p = eps.shape[0], p.batch_shape
     m = n // 2 if paired else n
+    gemm = _scoring(gp, gq, n, batch) == "gemm"
     spec = FewSpec(
         eps=eps,
         pad=pad,
@@ -290,10 +306,15 @@ def _few_diagonal(
         fit=control_variates and m * max(1, batch_p.numel()) - 1 >= MIN_FIT_UNITS,
         stderr=stderr,
         matched=_matched(control_variates, n, loc.shape[-1]),
+        gemm=gemm,
     )
     if z is not None:
         z = z.reshape(n, *pad, *batch_p, -1)
-    value = few_diagonal(loc, scale, z, gq.log_weights, gq.loc, gq.scale_diag, spec)
+    q = (gq.log_weights, gq.loc, gq.scale_diag)
+    if gemm:  # one q for the whole batch: (K,) and (K, D)
+        k, d = gq.num_components, gq.dim
+        q = (q[0].reshape(k), q[1].reshape(k, d), q[2].reshape(k, d))
+    value = few_diagonal(loc, scale, z, *q, spec)
     return value, spec.se
 
 
