@@ -190,8 +190,8 @@ def _matched_control(
     mu = mu.reshape(*spec.pad, *mu.shape)
     sigma = sigma.reshape(mu.shape)
     dz, dmu = z - m, mu - m  # (n, *batch, D), (*batch, D)
-    ones = torch.ones(d, dtype=a.dtype, device=a.device)
-    c2 = ((dmu.square() + sigma.square()).sub(dz.square()) * a) @ ones * 0.5
+    terms = (dmu.square() + sigma.square()).sub(dz.square()) * a
+    c2 = terms @ torch.ones(d, dtype=terms.dtype, device=terms.device) * 0.5
     return c2, dz, dmu, a
 
 

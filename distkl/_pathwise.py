@@ -264,10 +264,25 @@ def _scoring(
     pairs = max(1, batch.numel())
     if n * pairs * gp.dim * gq.num_components <= ELEMENTWISE_LIMIT:
         return "elementwise"
-    one_q = gq.log_weights.numel() == gq.num_components
-    if one_q and n * pairs * (gq.num_components + gp.dim) <= MAX_WORK:
+    if _one_q(gq) is not None and n * pairs * (gq.num_components + gp.dim) <= MAX_WORK:
         return "gemm"
     return None
+
+
+def _one_q(gq: GaussianMixture) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """q's `(log-weights (K,), means (K, D), scales (K, D))` when every batch element is the same
+    q: a batch of one, or an expanded one (stride 0 along the batch, as `Distribution.expand`
+    and Pyro's plates make it); None otherwise. Indexing the expanded view returns the whole
+    gradient to the shared parameters."""
+    assert gq.scale_diag is not None
+    fields = (gq.log_weights, gq.loc, gq.scale_diag)
+    nb = len(gq.batch_shape)
+    if gq.log_weights.numel() != gq.num_components and not all(
+        all(s == 0 or n == 1 for s, n in zip(t.stride()[:nb], t.shape[:nb])) for t in fields
+    ):
+        return None
+    first = (0,) * nb
+    return fields[0][first], fields[1][first], fields[2][first]
 
 
 def _elementwise(gq: GaussianMixture, z: Tensor) -> bool:
@@ -312,8 +327,9 @@ def _few_diagonal(
         z = z.reshape(n, *pad, *batch_p, -1)
     q = (gq.log_weights, gq.loc, gq.scale_diag)
     if gemm:  # one q for the whole batch: (K,) and (K, D)
-        k, d = gq.num_components, gq.dim
-        q = (q[0].reshape(k), q[1].reshape(k, d), q[2].reshape(k, d))
+        shared = _one_q(gq)
+        assert shared is not None
+        q = shared
     value = few_diagonal(loc, scale, z, *q, spec)
     return value, spec.se
 

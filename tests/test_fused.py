@@ -170,3 +170,33 @@ def test_few_node_by_matrix_products_is_accurate_in_float32():
         err_fast = (fast - ref).abs().max().item() / scale_ref
         err_elementwise = (elementwise - ref).abs().max().item() / scale_ref
         assert err_fast <= 2.0 * err_elementwise + 1e-6, (err_fast, err_elementwise)
+
+
+@pytest.mark.parametrize("n", [4, 256], ids=["elementwise", "gemm"])
+def test_an_expanded_prior_is_one_q(n):
+    """A prior expanded to the batch (`Distribution.expand`, Pyro's plates) is scored as the one
+    q it is: the same value and the same gradients as the unexpanded prior."""
+    from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+    from distkl import kl_mc
+
+    g = torch.Generator().manual_seed(2)
+    b, k, d = 64, 4, 8
+    leaves = [
+        torch.randn(b, d, generator=g, dtype=F64, requires_grad=True),
+        torch.randn(k, generator=g, dtype=F64, requires_grad=True),
+        torch.randn(k, d, generator=g, dtype=F64, requires_grad=True),
+    ]
+    out = []
+    for expand in (False, True):
+        post = Independent(Normal(leaves[0], torch.ones(b, d, dtype=F64)), 1)
+        prior = MixtureSameFamily(
+            Categorical(logits=leaves[1]),
+            Independent(Normal(leaves[2], torch.ones(k, d)), 1),  # float32 scales: mixed dtypes
+        )
+        prior = prior.expand(torch.Size([b])) if expand else prior
+        gen = torch.Generator().manual_seed(5)
+        value = kl_mc(post, prior, num_samples=n, generator=gen).value
+        out.append([value, *torch.autograd.grad(value.sum(), leaves)])
+    for a, b_ in zip(*out):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
