@@ -1,26 +1,27 @@
-r"""KL(p || q) for a diagonal Normal p against a diagonal Gaussian mixture q at few samples, as
-one autograd node with a hand-written backward.
+r"""KL(p || q) for a diagonal Normal p against a diagonal Gaussian mixture q, as one autograd
+node with a hand-written backward.
 
-This is `distkl._pathwise`'s estimator without the matched-component control, for the sizes of
-a training step (a batch of about a hundred pairs, a handful of samples, `K * D` up to about a
-thousand). There a step's time is the number of tensor operations, not their size, so the
-whole estimate is one `torch.autograd.Function`: its forward pass runs without recording a
-graph, and its backward pass is the closed-form gradient below (about twenty operations
-against the ~60 nodes that autograd would record and replay).
+This is `distkl._pathwise`'s estimator for diagonal pairs. At a training step's sizes (a batch
+of about a hundred pairs, a handful of samples) a step's time is the number of tensor
+operations, not their size, so the whole estimate is one `torch.autograd.Function`: its
+forward pass runs without recording a graph, and its backward pass is the closed-form gradient
+below (about twenty operations against the ~60 nodes that autograd would record and replay).
 
 Per unit $u$ (a sample $z_u = \mu + \sigma \epsilon_u$, or an antithetic pair's average) the
 estimate is
 
 $$
--H(p) - \log q(z_u) - \gamma_u\, c_1(\epsilon_u), \qquad
+-H(p) - \log q(z_u) - \gamma_u\, c_1(\epsilon_u) - \beta_u\, c_2(z_u), \qquad
 c_1 = \log p(z_u) + H(p) = \tfrac12 (D - \|\epsilon_u\|^2),
 $$
 
-with $\gamma_u$ the leave-one-out regression coefficient of $-\log q(z) - b$ on $c_1$
-(`distkl._stats.loo_one`), centred per pair on
-$b = -\log \sum_k v_k \exp \mathbb{E}_p[\log q_k]$ (closed form per component; exact when q is
-one Gaussian). The coefficient and the control carry no gradient ($c_1$ is a function of the
-standard noise only), so the gradient is that of $-H(p) - \log q(z)$: with responsibilities
+with $c_2 = \log q_j(z_u) - \mathbb{E}_p[\log q_j]$ for the best-matching component $j$ (only
+with `FewSpec.matched`, see `distkl._pathwise`) and $\gamma_u, \beta_u$ the leave-one-out
+regression coefficients of $-\log q(z) - b$ on the controls (`distkl._stats`), centred per pair
+on $b = -\log \sum_k v_k \exp \mathbb{E}_p[\log q_k]$ (closed form per component; exact when q
+is one Gaussian). The coefficients carry no gradient, nor does $c_1$ (a function of the standard
+noise only); $c_2$'s gradient, zero-mean, is part of the estimate's (`_matched_control`). The
+rest of the gradient is that of $-H(p) - \log q(z)$: with responsibilities
 $r_k = v_k q_k(z) / q(z)$ and $u_k = (z - m_k) / s_k$,
 
 $$
@@ -36,7 +37,9 @@ $z = \mu + \sigma \epsilon$, so $\partial/\partial \mu = \sum \partial/\partial 
 $\partial/\partial \sigma = \sum \epsilon\, \partial/\partial z - 1/\sigma$, and no view or
 intermediate of them adds a node to the graph (shared samples take the gradient through the
 caller's $z$ instead). The baseline's components at $\mu$ ride along as one more row of the
-samples' computation, so one `logsumexp` serves both. A backward pass that builds a graph
+samples' computation, so one `logsumexp` serves both. One q shared by the batch is scored by
+matrix products when the elementwise `(n, *batch, K, D)` arrays would be large (many samples,
+or large `K * D`): `_gemm_scores`, `_gemm_backward`. A backward pass that builds a graph
 (`create_graph=True`) recomputes the value with ordinary differentiable operations and
 differentiates that, so second derivatives are exact; under `torch.compile` the ordinary
 operations are used throughout (the compiler fuses them itself). NaN parameters give NaN in the

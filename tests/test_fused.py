@@ -200,3 +200,23 @@ def test_an_expanded_prior_is_one_q(n):
         out.append([value, *torch.autograd.grad(value.sum(), leaves)])
     for a, b_ in zip(*out):
         torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("gemm", [False, True], ids=["elementwise", "gemm"])
+def test_few_node_second_derivatives_with_the_matched_control(gemm):
+    """A backward pass that builds a graph differentiates the plain operations: with both
+    controls fitted, the gradient it returns is the node's, and its derivative (a
+    gradient-penalty term) is the plain operations' second derivative."""
+    n, b, d, k = 8, 5, 4, 3
+    eps, args = _few_inputs(n, (b,), (), (), d, k, False, torch.Generator().manual_seed(9))
+    leaves = [a for a in args if a is not None]
+
+    def run(fn):
+        spec = FewSpec(eps, (), torch.Size([b]), False, True, False, True, gemm)
+        value = fn(*args, spec).sum()
+        grads = torch.autograd.grad(value, leaves, create_graph=True)
+        penalty = sum(g.square().sum() for g in grads)
+        return [*grads, *torch.autograd.grad(penalty, leaves)]
+
+    for a, b_ in zip(run(few_diagonal), run(_plain)):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
