@@ -260,11 +260,12 @@ def _scoring(
     gp: GaussianMixture, gq: GaussianMixture, n: int, batch: torch.Size
 ) -> Optional[str]:
     """How `_few_diagonal` scores q: "elementwise" (small), "gemm" (one q for the batch, up to
-    `MAX_WORK`), or None (neither: the general path)."""
+    `MAX_WORK`, on a device with float64), or None (neither: the general path)."""
     pairs = max(1, batch.numel())
     if n * pairs * gp.dim * gq.num_components <= ELEMENTWISE_LIMIT:
         return "elementwise"
-    if _one_q(gq) is not None and n * pairs * (gq.num_components + gp.dim) <= MAX_WORK:
+    float64 = gq.loc.device.type != "mps"  # the products' expanded squares need it
+    if float64 and _one_q(gq) is not None and n * pairs * (gq.num_components + gp.dim) <= MAX_WORK:
         return "gemm"
     return None
 
