@@ -29,7 +29,13 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["diag_mixture_log_prob", "diag_log_normaliser", "plain_mixture_log_prob"]
+__all__ = [
+    "diag_gradients",
+    "diag_log_normaliser",
+    "diag_mixture_log_prob",
+    "diag_scores",
+    "plain_mixture_log_prob",
+]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -73,6 +79,51 @@ def plain_mixture_log_prob(z: Tensor, log_weights: Tensor, loc: Tensor, scale: T
     return torch.logsumexp(comp + log_weights, -1)
 
 
+def diag_scores(z: Tensor, lwn: Tensor, loc: Tensor, inv_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """`(a, u)`: `a = lwn_k - |u_k|^2 / 2` `(..., K)` with the standardised residuals
+    `u = (z - m_k) / s_k` `(..., K, D)`; `lwn` holds each component's log-weight and
+    log-normaliser."""
+    u = (z.unsqueeze(-2) - loc) * inv_scale
+    ones = torch.ones(u.shape[-1], dtype=u.dtype, device=u.device)  # sums over D by matrix
+    return torch.add(lwn, u.square() @ ones, alpha=-0.5), u  # products: faster than reductions
+
+
+def diag_gradients(
+    rw: Tensor,
+    u: Tensor,
+    inv_scale: Tensor,
+    needs: tuple[bool, ...],
+    log_weights: Tensor,
+    loc: Tensor,
+    scale: Tensor,
+) -> tuple[Optional[Tensor], ...]:
+    """Gradients of `sum r_k log(v_k N(z; m_k, s_k^2))` with weights `rw` `(..., K)` (the
+    responsibilities times an incoming gradient) given `diag_scores`' `u`: `(d/dz (..., D),
+    d/dlog v, d/dm, d/ds)`, the parameters' summed to their shapes, None where `needs`
+    (z, log v, m, s) is False (see the module docstring for the formulas)."""
+    need_z, need_w, need_loc, need_scale = needs
+    g_z = g_w = g_loc = g_scale = None
+    t = None
+    if need_z or need_loc or need_scale:
+        t = rw.unsqueeze(-1) * (u * inv_scale)  # r_k u_k / s_k
+    if need_z:
+        assert t is not None
+        g_z = t.sum(-2).neg_()
+    if need_loc:
+        assert t is not None
+        g_loc = t.sum_to_size(loc.shape)
+    s_rw = rw.sum_to_size(log_weights.shape) if need_w or need_scale else None
+    if need_w:
+        g_w = s_rw
+    if need_scale:
+        assert t is not None and s_rw is not None
+        if scale.shape[:-1] == log_weights.shape:  # r (u^2 - 1) / s = t u - r / s
+            g_scale = (t * u).sum_to_size(scale.shape).sub_(s_rw.unsqueeze(-1) * inv_scale)
+        else:
+            g_scale = (rw.unsqueeze(-1) * (u.square() - 1.0) * inv_scale).sum_to_size(scale.shape)
+    return g_z, g_w, g_loc, g_scale
+
+
 class _DiagMixtureLogProb(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -84,8 +135,7 @@ class _DiagMixtureLogProb(torch.autograd.Function):
         inv_scale: Tensor,
         log_norm: Tensor,
     ) -> Tensor:
-        u = (z.unsqueeze(-2) - loc) * inv_scale  # (..., K, D)
-        a = log_norm - 0.5 * u.square().sum(-1) + log_weights  # (..., K)
+        a, u = diag_scores(z, log_norm + log_weights, loc, inv_scale)
         out = torch.logsumexp(a, -1)
         ctx.save_for_backward(z, log_weights, loc, scale, inv_scale, u, a, out)
         return out
@@ -100,18 +150,8 @@ class _DiagMixtureLogProb(torch.autograd.Function):
                 ref = plain_mixture_log_prob(z, log_weights, loc, scale)
                 grads = iter(torch.autograd.grad(ref, wanted, grad, create_graph=True))
             return (*(next(grads) if need else None for need in needs), None, None)
-        need_z, need_w, need_loc, need_scale = needs
         # responsibilities times the incoming gradient
         rw = (a - out.unsqueeze(-1)).exp() * grad.unsqueeze(-1)
-        g_z = g_w = g_loc = g_scale = None
-        if need_z or need_loc:
-            t = rw.unsqueeze(-1) * (u * inv_scale)  # r_k u_k / s_k
-            if need_z:
-                g_z = (-t.sum(-2)).sum_to_size(z.shape)
-            if need_loc:
-                g_loc = t.sum_to_size(loc.shape)
-        if need_scale:
-            g_scale = (rw.unsqueeze(-1) * (u.square() - 1.0) * inv_scale).sum_to_size(scale.shape)
-        if need_w:
-            g_w = rw.sum_to_size(log_weights.shape)
+        g_z, g_w, g_loc, g_scale = diag_gradients(rw, u, inv_scale, needs, log_weights, loc, scale)
+        g_z = None if g_z is None else g_z.sum_to_size(z.shape)
         return g_z, g_w, g_loc, g_scale, None, None

@@ -20,7 +20,7 @@ with `FewSpec.matched`, see `distkl._pathwise`) and $\gamma_u, \beta_u$ the leav
 regression coefficients of $-\log q(z) - b$ on the controls (`distkl._stats`), centred per pair
 on $b = -\log \sum_k v_k \exp \mathbb{E}_p[\log q_k]$ (closed form per component; exact when q
 is one Gaussian). The coefficients carry no gradient, nor does $c_1$ (a function of the standard
-noise only); $c_2$'s gradient, zero-mean, is part of the estimate's (`_matched_control`). The
+noise only); $c_2$'s gradient, zero-mean, is part of the estimate's (`matched_control`). The
 rest of the gradient is that of $-H(p) - \log q(z)$: with responsibilities
 $r_k = v_k q_k(z) / q(z)$ and $u_k = (z - m_k) / s_k$,
 
@@ -60,10 +60,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from distkl._diagonal import plain_mixture_log_prob
+from distkl._diagonal import diag_gradients, diag_scores, plain_mixture_log_prob
 from distkl._stats import loo_coefficients, loo_one, t_stderr
 
-__all__ = ["FewSpec", "few_diagonal"]
+__all__ = ["FewSpec", "few_diagonal", "matched_control", "pair_means"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -148,8 +148,8 @@ def _offset(
         c1 = torch.rsub(eps.square().sum(-1), 0.5 * d, alpha=0.5)  # log p(z) + H(p)
         c1 = c1.reshape(n, *spec.pad, *c1.shape[1:])
         if spec.paired:  # units: pairs (z, mirrored z)
-            t, c1 = _pairs(t), _pairs(c1)
-            c2 = None if c2 is None else _pairs(c2)
+            t, c1 = pair_means(t), pair_means(c1)
+            c2 = None if c2 is None else pair_means(c2)
         if spec.fit and c2 is not None:
             units = torch.stack([t, c1.expand_as(t), c2.detach()], -1)
             coef = loo_coefficients(units, spec.batch_p, spec.pad)
@@ -162,19 +162,25 @@ def _offset(
         else:  # the naive estimate log p(z) - log q(z) = c1 - H - log q
             correction = c1
         if spec.stderr:
-            y = -lq if not spec.paired else -_pairs(lq)
+            y = -lq if not spec.paired else -pair_means(lq)
             spec.se = t_stderr(y + correction, t.shape[0])
         return _mean0(correction), gamma2
 
 
-def _pairs(x: Tensor) -> Tensor:
+def pair_means(x: Tensor) -> Tensor:
     """Averages of antithetic pairs: rows `i` and `i + n / 2`."""
     h = x.shape[0] // 2
     return 0.5 * (x[:h] + x[h:])
 
 
-def _matched_control(
-    z: Tensor, mu: Tensor, sigma: Tensor, loc: Tensor, inv: Tensor, expected: Tensor, spec: FewSpec
+def matched_control(
+    z: Tensor,
+    mu: Tensor,
+    sigma: Tensor,
+    loc: Tensor,
+    inv: Tensor,
+    expected: Tensor,
+    pad: tuple[int, ...],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""`(c2 (n, *batch), z - m_j, mu - m_j, a_j)` for the component $j$ maximising
     `expected` ($\log v_k + \mathbb{E}_p[\log q_k]$, `(*batch, K)`), $a_j = 1 / s_j^2$:
@@ -190,7 +196,7 @@ def _matched_control(
         batch = j.shape[:-2]
         m = loc.expand(*batch, k, d).gather(-2, j.expand(*batch, 1, d)).squeeze(-2)
         a = inv.expand(*batch, k, d).gather(-2, j.expand(*batch, 1, d)).squeeze(-2).square()
-    mu = mu.reshape(*spec.pad, *mu.shape)
+    mu = mu.reshape(*pad, *mu.shape)
     sigma = sigma.reshape(mu.shape)
     dz, dmu = z - m, mu - m  # (n, *batch, D), (*batch, D)
     terms = (dmu.square() + sigma.square()).sub(dz.square()) * a
@@ -232,7 +238,7 @@ def _plain(
         t = torch.logsumexp(expected, -1) - 0.5 * scale.shape[-1] * _LOG_2PI - lq
     if not spec.matched:
         return value + _offset(t, lq, spec)[0]
-    c2 = _matched_control(z, mu, sigma, loc.detach(), inv, expected, spec)[0]
+    c2 = matched_control(z, mu, sigma, loc.detach(), inv, expected, spec.pad)[0]
     offset, gamma2 = _offset(t, lq, spec, c2)
     assert gamma2 is not None
     g2 = (gamma2 * c2).mean(0).neg()  # carries c2's gradient; its value is in the offset
@@ -267,7 +273,7 @@ class _FewDiagonal(torch.autograd.Function):
         lq = lse[:n]
         matched: tuple[Optional[Tensor], ...] = (None, None, None, None)
         if spec.fit and spec.matched:  # a[n]: log v_k + E_p[log q_k], the match's score
-            c2, dz, dmu, a_j = _matched_control(zz, mu, sigma, loc, inv, a[n], spec)
+            c2, dz, dmu, a_j = matched_control(zz, mu, sigma, loc, inv, a[n], spec.pad)
             # the target -log q(z) - baseline; the constants D/2 log 2 pi cancel
             offset, gamma2 = _offset(lse[n] - lq, lq, spec, c2)
             matched = (gamma2, dz, dmu, a_j)
@@ -293,7 +299,7 @@ class _FewDiagonal(torch.autograd.Function):
                 lq = plain_mixture_log_prob(zz, log_weights, loc, scale)
                 value = -lq.mean(0) - _entropy(sigma, spec)
                 if gamma2 is not None:
-                    c2 = _matched_control(zz, mu, sigma, loc.detach(), inv, a[n], spec)[0]
+                    c2 = matched_control(zz, mu, sigma, loc.detach(), inv, a[n], spec.pad)[0]
                     value = value - (gamma2 * c2).mean(0)
                 grads = iter(torch.autograd.grad(value, wanted, grad, create_graph=True))
             return (*(next(grads) if need else None for need in needs), None)
@@ -344,9 +350,8 @@ def _elementwise_scores(
     """`(a, (1/s, u))`: `a = log v_k - 1/2 |u_k|^2 - log|S_k|^(1/2)` with the standardised
     residuals `u = (row - m_k) / s_k`, `(*rows, K, D)`, any batch shapes."""
     inv = scale.reciprocal()
-    u = (rows.unsqueeze(-2) - loc) * inv  # (n [+ 1], *batch, K, D)
-    ones = torch.ones(u.shape[-1], dtype=u.dtype, device=u.device)  # sums over D by matrix
-    return torch.add(lwn, u.square() @ ones, alpha=-0.5), (inv, u)  # products: faster
+    a, u = diag_scores(rows, lwn, loc, inv)
+    return a, (inv, u)
 
 
 def _gemm_scores(
@@ -381,30 +386,9 @@ def _elementwise_backward(
     scale: Tensor,
 ) -> tuple[Optional[Tensor], ...]:
     """`(d/dz, d/dlog v, d/dm, d/ds)` of `-sum r log q` (`rw` the responsibilities times the
-    incoming gradient, `(n, *batch, K)`), elementwise."""
-    need_w, need_loc, need_scale = needs
+    incoming gradient, `(n, *batch, K)`), elementwise (`distkl._diagonal.diag_gradients`)."""
     u = scores[0][: rw.shape[0]]
-    g_z = g_w = g_loc = g_scale = None
-    t = None
-    if pathwise or need_loc or need_scale:
-        t = rw.unsqueeze(-1) * (u * inv)  # r_k u_k / s_k
-    if pathwise:
-        assert t is not None
-        g_z = t.sum(-2)
-    if need_loc:
-        assert t is not None
-        g_loc = t.sum_to_size(loc.shape).neg_()
-    s_rw = rw.sum_to_size(log_weights.shape) if need_w or need_scale else None
-    if need_w:
-        assert s_rw is not None
-        g_w = s_rw.neg()
-    if need_scale:
-        assert t is not None and s_rw is not None
-        if scale.shape[:-1] == log_weights.shape:  # r (u^2 - 1) / s = t u - r / s
-            g_scale = (s_rw.unsqueeze(-1) * inv).sub_((t * u).sum_to_size(scale.shape))
-        else:
-            g_scale = (rw.unsqueeze(-1) * (1.0 - u.square()) * inv).sum_to_size(scale.shape)
-    return g_z, g_w, g_loc, g_scale
+    return diag_gradients(rw.neg(), u, inv, (pathwise, *needs), log_weights, loc, scale)
 
 
 def _gemm_backward(

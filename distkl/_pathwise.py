@@ -62,7 +62,7 @@ from torch.distributions import Distribution, MixtureSameFamily
 
 from distkl._checks import batch_shape_of, check_positive_int, check_same_event_shape
 from distkl._diagonal import diag_log_normaliser, diag_mixture_log_prob
-from distkl._few import FewSpec, few_diagonal
+from distkl._few import FewSpec, few_diagonal, matched_control, pair_means
 from distkl._gaussian import (
     GaussianMixture,
     as_gaussian_mixture,
@@ -181,12 +181,14 @@ def kl_pathwise(
     gp = as_gaussian_mixture(p, role="p")
     gq = as_gaussian_mixture(q, role="q") if is_gaussian_family(q) else None
     pad = (1,) * (len(batch) - len(p.batch_shape))
-    few = _few_diagonal_applies(gp, gq, samples, num_samples, batch)
+    scoring = _few_scoring(gp, gq, samples, num_samples, batch)
+    few = scoring is not None
     eps, z, paired = _draws(p, gp, num_samples, samples, generator, antithetic, gq, not few)
     n = eps.shape[0]
     if few:
         assert gq is not None
-        value, se = _few_diagonal(p, gp, gq, eps, z, paired, pad, batch, control_variates, stderr)
+        gemm = scoring == "gemm"
+        value, se = _few_diagonal(p, gq, eps, z, paired, pad, gemm, control_variates, stderr)
         return _finish(gp, gq, value, se, n)
     assert z is not None
     z_b = z.reshape(n, *pad, *z.shape[1:])
@@ -196,9 +198,8 @@ def kl_pathwise(
     c1 = c1.reshape(n, *pad, *c1.shape[1:]).to(y.dtype).expand(n, *batch)
     ent = (0.5 * gp.dim * (1.0 + _LOG_2PI) + 0.5 * gp.log_det_cov()[..., 0]).to(y.dtype)
     if paired:  # units: pairs (z, mirrored z)
-        h = n // 2
-        y, c1 = 0.5 * (y[:h] + y[h:]), 0.5 * (c1[:h] + c1[h:])
-        c2 = None if c2 is None else 0.5 * (c2[:h] + c2[h:])
+        y, c1 = pair_means(y), pair_means(c1)
+        c2 = None if c2 is None else pair_means(c2)
     controls = [c1] if c2 is None else [c1, c2]
     units = torch.stack([y.detach() - base.detach(), *[c.detach() for c in controls]], -1)
     coef = loo_coefficients(units, p.batch_shape, pad) if control_variates else None
@@ -237,30 +238,23 @@ def _matched(control_variates: bool, n: int, d: int) -> bool:
     return control_variates and n >= MATCHED_MIN_SAMPLES and d >= MATCHED_MIN_DIM
 
 
-def _few_diagonal_applies(
+def _few_scoring(
     gp: GaussianMixture,
     gq: Optional[GaussianMixture],
     samples: Optional[Tensor],
     num_samples: Optional[int],
     batch: torch.Size,
-) -> bool:
-    """Diagonal p and q, small enough to score elementwise (`_few_diagonal`)."""
+) -> Optional[str]:
+    """How `_few_diagonal` scores q for diagonal p and q: "elementwise" (small), "gemm" (one q
+    for the batch, up to `MAX_WORK`, on a device with float64), or None (the general path)."""
     if gq is None or gp.scale_diag is None or gq.scale_diag is None:
-        return False
+        return None
     if samples is not None:
         if not isinstance(samples, Tensor):  # `_draws` says what it expected
-            return False
+            return None
         n = samples.shape[0] if samples.dim() > len(gp.batch_shape) + len(gp.event_shape) else 1
     else:
         n = 1 if num_samples is None else num_samples
-    return _scoring(gp, gq, n, batch) is not None
-
-
-def _scoring(
-    gp: GaussianMixture, gq: GaussianMixture, n: int, batch: torch.Size
-) -> Optional[str]:
-    """How `_few_diagonal` scores q: "elementwise" (small), "gemm" (one q for the batch, up to
-    `MAX_WORK`, on a device with float64), or None (neither: the general path)."""
     pairs = max(1, batch.numel())
     if n * pairs * gp.dim * gq.num_components <= ELEMENTWISE_LIMIT:
         return "elementwise"
@@ -293,13 +287,12 @@ def _elementwise(gq: GaussianMixture, z: Tensor) -> bool:
 
 def _few_diagonal(
     p: Distribution,
-    gp: GaussianMixture,
     gq: GaussianMixture,
     eps: Tensor,
     z: Optional[Tensor],
     paired: bool,
     pad: tuple[int, ...],
-    batch: torch.Size,
+    gemm: bool,
     control_variates: bool,
     stderr: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
@@ -313,7 +306,6 @@ def _few_diagonal(
     loc, scale = diagonal_params(p)  # (*batch_p, D), no view of them in the graph
     n, batch_p = eps.shape[0], p.batch_shape
     m = n // 2 if paired else n
-    gemm = _scoring(gp, gq, n, batch) == "gemm"
     spec = FewSpec(
         eps=eps,
         pad=pad,
@@ -442,51 +434,22 @@ def _log_q_terms(
             half_trace = pairwise_kl(gp, gq)[..., 0, :] + entropy.unsqueeze(-1) + comp_mu
         return -lq, None, _baseline(gq, comp_mu, half_trace).expand(batch)
     dt = comp_mu.dtype
-    var_p = gp.scale_diag[..., 0, :].to(dt).square()  # (*bp, D)
-    var_p = var_p.reshape(*(1,) * (len(batch) + 1 - var_p.dim()), *var_p.shape)  # (*batch', D)
-    prec = gq.scale_diag.detach().to(dt).square().reciprocal()  # (*bq, Kq, D)
+    inv = gq.scale_diag.detach().to(dt).reciprocal()  # (*bq, Kq, D)
     with torch.no_grad():  # E_p[-log q_k] + log q_k(mu) = tr(Sigma_p S_k^-1) / 2
-        trace = (var_p.detach().unsqueeze(-2) * prec).sum(-1)  # (*batch, Kq)
+        var_p = gp.scale_diag.squeeze(-2).to(dt).square()  # (*bp, D)
+        var_p = var_p.reshape(*(1,) * (len(batch) + 1 - var_p.dim()), *var_p.shape)
+        trace = (var_p.unsqueeze(-2) * inv.square()).sum(-1)  # (*batch, Kq)
         base = _baseline(gq, comp_mu, 0.5 * trace).expand(batch)
     if not matched:
         return -lq, None, base
-    return -lq, _matched_control(gp, gq, comp_mu, trace, var_p, prec, z, batch), base
-
-
-def _matched_control(
-    gp: GaussianMixture,
-    gq: GaussianMixture,
-    comp_mu: Tensor,
-    trace: Tensor,
-    var_p: Tensor,
-    prec: Tensor,
-    z: Tensor,
-    batch: torch.Size,
-) -> Tensor:
-    r"""$c_2 = \log q_j(z) - \mathbb{E}_p[\log q_j]$, `(n, *batch)`, for diagonal p and q.
-
-    $j$ maximises $\log v_j + \mathbb{E}_p[\log q_j]$ (from `comp_mu`, the component
-    log-densities at $\mu$, and `trace` $= \sum_d \sigma_d^2 / s_{jd}^2$, both computed
-    without gradient). q's parameters enter detached (`prec`): $c_2$ has zero mean for every
-    value of p's parameters, so its gradient with respect to them is a zero-mean control; a
-    gradient into q's parameters would add noise there (measured: up to 2x at D = 2). The
-    normalising constants cancel:
-    $c_2 = -\tfrac12 \sum_d [(z_d - m_{jd})^2 - (\mu_d - m_{jd})^2 - \sigma_d^2] / s_{jd}^2$.
-    """
-    assert gq.scale_diag is not None
-    dt = comp_mu.dtype
-    mu = gp.loc[..., 0, :].to(dt)
-    mu = mu.reshape(*(1,) * (len(batch) + 1 - mu.dim()), *mu.shape)
-    loc = gq.loc.detach().to(dt)
-    with torch.no_grad():
-        score = comp_mu - 0.5 * trace + gq.log_weights.to(dt)
-        j = score.argmax(-1, keepdim=True).unsqueeze(-1)  # (*batch, 1, 1)
-    kq, d = loc.shape[-2:]
-    m = loc.expand(*batch, kq, d).gather(-2, j.expand(*batch, 1, d)).squeeze(-2)  # (*batch, D)
-    a = prec.expand(*batch, kq, d).gather(-2, j.expand(*batch, 1, d)).squeeze(-2)
-    zd = z.to(dt).unsqueeze(-1) if len(gp.event_shape) == 0 else z.to(dt)
-    centred = (mu - m).square() + var_p
-    return -0.5 * (((zd - m).square() - centred) * a).sum(-1)
+    with torch.no_grad():  # log v_k + E_p[log q_k] (less a constant): the match's score
+        expected = comp_mu - 0.5 * trace + gq.log_weights.to(dt)
+    zd = z.unsqueeze(-1) if len(gp.event_shape) == 0 else z
+    pad = (1,) * (len(batch) - len(gp.batch_shape))
+    p_params = (gp.loc.squeeze(-2).to(dt), gp.scale_diag.squeeze(-2).to(dt))
+    q_params = (gq.loc.detach().to(dt), inv)
+    c2 = matched_control(zd.to(dt), *p_params, *q_params, expected, pad)[0]
+    return -lq, c2, base
 
 
 def _baseline(gq: GaussianMixture, comp_mu: Tensor, half_trace: Tensor) -> Tensor:
